@@ -1,0 +1,1 @@
+"""Benchmarks: the latency client, the server-overhead benchmark and the GPU pipeline benchmark."""

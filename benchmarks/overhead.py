@@ -1,0 +1,341 @@
+"""Server overhead on the CPU with the tiny model, in one run:
+
+1. the same edit (same model folder, inputs, steps, speed settings) called directly in this
+   process (``load_pipeline`` + ``EditRunner``) and through HTTP (async + polling, and sync);
+   overhead = HTTP end-to-end minus direct, per job, in ms and as a ratio;
+2. submit throughput with concurrent clients (the jobs are then cancelled);
+3. result-poll latency and throughput with ``--store-jobs`` finished jobs in the store.
+
+    python -m benchmarks.overhead --out bench-out            # full
+    python -m benchmarks.overhead --quick --out bench-out    # CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks import client as bench_client
+from benchmarks.report import percentiles, print_table, write_csv, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+GOALS = {"overhead_ratio": 0.05, "overhead_ms": 20.0, "poll_p99_ms": 5.0}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_model(out: Path, model: str | None) -> Path:
+    if model:
+        return Path(model)
+    folder = out / "tiny-edit"
+    if not (folder / "model_index.json").is_file():
+        from weights.tiny import build_tiny_model
+
+        build_tiny_model(folder, "edit")
+    return folder
+
+
+def direct_ms(model: Path, jobs: int, steps: int, size: int) -> list[float]:
+    """The pipeline as the worker runs it, without the server: one process, no HTTP, no store."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from pipelines.loader import load_pipeline, resolve_dtype
+    from pipelines.registry import get_variant
+    from pipelines.runner import EditInputs, EditRunner
+    from pipelines.speed import SpeedConfig, apply_speed
+
+    variant = get_variant("edit")
+    pipe = load_pipeline(str(model), variant, device="cpu", dtype=resolve_dtype("auto", "cpu"))
+    apply_speed(pipe, SpeedConfig(), "cpu")  # the server's defaults
+    runner = EditRunner(pipe, variant, "cpu")
+    raw = base64.b64decode(bench_client.test_image().split(",", 1)[1])
+    image = Image.open(io.BytesIO(raw)).convert("RGB")
+
+    def inputs(seed: int) -> EditInputs:
+        return EditInputs(
+            images=[image],
+            prompt="make the red square blue",
+            seed=seed,
+            num_inference_steps=steps,
+            width=size,
+            height=size,
+        )
+
+    runner(inputs(0))  # warm up, as the worker does
+    times = []
+    for i in range(jobs):
+        started = time.perf_counter()
+        runner(inputs(i))
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def start_server(data: Path, model: Path, port: int, steps: int) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "QWEN_EDIT_DATA_DIR": str(data),
+        "QWEN_EDIT_MODEL": str(model),
+        "QWEN_EDIT_PORT": str(port),
+        "QWEN_EDIT_AUTH_DISABLED": "true",
+        "QWEN_EDIT_DEFAULT_STEPS": str(steps),
+        "QWEN_EDIT_QUEUE_CAP": "100000",
+        "QWEN_EDIT_LOG_LEVEL": "WARNING",
+    }
+    data.mkdir(parents=True, exist_ok=True)
+    log = open(data / "server.log", "wb")  # noqa: SIM115 - owned by the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {(data / 'server.log').read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server not ready after 300 s")
+
+
+def http_ms(url: str, mode: str, jobs: int, size: int, out: Path) -> dict[str, Any]:
+    args = bench_client.build_parser().parse_args(
+        [
+            "--url",
+            url,
+            "-n",
+            str(jobs),
+            "-c",
+            "1",
+            "--mode",
+            mode,
+            "--size",
+            f"{size}*{size}",
+            "--poll-interval",
+            "0.01",
+            "--out",
+            str(out / f"http-{mode}"),
+            "--quiet",
+        ]
+    )
+    return bench_client.run(args)
+
+
+async def hammer(
+    url: str,
+    requests: Sequence[tuple[str, str, dict[str, Any] | None]],
+    clients: int,
+    ids: list[str] | None = None,
+    check: bool = True,
+) -> tuple[list[float], float]:
+    """Send (method, path, json) requests from ``clients`` concurrent connections: latencies (ms), wall s."""
+    latencies: list[float] = []
+    queue = list(requests)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=clients)) as http:
+
+        async def loop() -> None:
+            while queue:
+                method, path, body = queue.pop()
+                started = time.perf_counter()
+                r = await http.request(method, path, json=body)
+                latencies.append((time.perf_counter() - started) * 1000)
+                if check:
+                    r.raise_for_status()
+                if ids is not None:
+                    ids.append(r.json()["data"]["id"])
+
+        started = time.perf_counter()
+        await asyncio.gather(*(loop() for _ in range(clients)))
+    return latencies, time.perf_counter() - started
+
+
+def fill_store(data: Path, count: int) -> list[str]:
+    """Insert ``count`` finished jobs straight into the server's database."""
+    from server.jobs.models import Job, Status
+    from server.jobs.store import JobStore, new_id, now_ms
+    from server.settings import Settings
+
+    settings = Settings(data_dir=data)
+    store = JobStore(settings.resolved_database_url)
+    ids = []
+    now = now_ms()
+    for _ in range(count):
+        job_id = new_id()
+        store.create(
+            Job(
+                id=job_id,
+                model="wavespeed-ai/qwen-image/edit",
+                variant="edit",
+                status=Status.COMPLETED,
+                input={"prompt": "x"},
+                params={"prompt": "x"},
+                base_url="http://127.0.0.1",
+                output_format="jpeg",
+                base64_output=False,
+                seed=0,
+                max_attempts=3,
+                created_at=now,
+                updated_at=now,
+                finished_at=now,
+                outputs=[f"{job_id}/0.jpeg"],
+                inference_ms=100,
+            )
+        )
+        ids.append(job_id)
+    store.close()
+    return ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="a handful of jobs (CI)")
+    p.add_argument("--jobs", type=int, help="edit jobs per path (default 20, quick 3)")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients for the endpoint benchmarks")
+    p.add_argument("--store-jobs", type=int, help="finished jobs in the store for the poll benchmark (default 1000)")
+    p.add_argument("--requests", type=int, help="requests per endpoint benchmark (default 2000, quick 100)")
+    p.add_argument("--model", help="model folder (default: a tiny model built under --out)")
+    p.add_argument("--out", default="bench-out")
+    args = p.parse_args(argv)
+    jobs = args.jobs or (2 if args.quick else 20)
+    n_req = args.requests or (100 if args.quick else 2000)
+    n_store = args.store_jobs if args.store_jobs is not None else (200 if args.quick else 1000)
+    out = Path(args.out).resolve()
+    model = ensure_model(out, args.model)
+
+    direct = direct_ms(model, jobs, args.steps, args.size)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(out / "server-data", model, port, args.steps)
+    try:
+        via_async = http_ms(url, "async", jobs, args.size, out)
+        via_sync = http_ms(url, "sync", jobs, args.size, out)
+        body = {"prompt": "x", "image": bench_client.test_image(), "size": f"{args.size}*{args.size}"}
+        submitted: list[str] = []
+        submit_lat, submit_wall = asyncio.run(
+            hammer(url, [("POST", "/api/v3/wavespeed-ai/qwen-image/edit", body)] * n_req, args.clients, submitted)
+        )
+        # Cancel them: queued jobs end at once, so the worker does not load the machine during the polls.
+        cancels = [("POST", f"/api/v3/predictions/{i}/cancel", None) for i in submitted]
+        asyncio.run(hammer(url, cancels, args.clients, check=False))
+        ids = fill_store(out / "server-data", n_store)
+        polls = [("GET", f"/api/v3/predictions/{random.choice(ids)}/result", None) for _ in range(n_req)]
+        poll_lat, poll_wall = asyncio.run(hammer(url, polls, args.clients))
+        poll_single, _ = asyncio.run(hammer(url, polls[: max(50, n_req // 4)], 1))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    d = percentiles(direct)
+    rows_e2e: list[dict[str, Any]] = [{"path": "direct (in process)", **d, "overhead_ms": 0.0, "ratio": 1.0}]
+    for name, rep in (("HTTP async + polling", via_async), ("HTTP sync", via_sync)):
+        e = rep["summaries"][0]["e2e_ms"]
+        rows_e2e.append({"path": name, **e, "overhead_ms": e["p50"] - d["p50"], "ratio": e["p50"] / d["p50"]})
+    endpoints = [
+        {
+            "endpoint": "POST submit",
+            "clients": args.clients,
+            "requests": n_req,
+            **percentiles(submit_lat),
+            "req_s": n_req / submit_wall,
+        },
+        {
+            "endpoint": f"GET result ({n_store} jobs stored)",
+            "clients": args.clients,
+            "requests": n_req,
+            **percentiles(poll_lat),
+            "req_s": n_req / poll_wall,
+        },
+        {
+            "endpoint": f"GET result ({n_store} jobs stored)",
+            "clients": 1,
+            "requests": len(poll_single),
+            **percentiles(poll_single),
+            "req_s": float("nan"),
+        },
+    ]
+    t1 = print_table(
+        f"Per-job latency, tiny model, {args.steps} steps, {args.size}x{args.size}, {jobs} jobs",
+        ["path", "p50 ms", "p90 ms", "p99 ms", "overhead ms (p50)", "ratio (p50)"],
+        [[r["path"], r["p50"], r["p90"], r["p99"], r["overhead_ms"], r["ratio"]] for r in rows_e2e],
+    )
+    t2 = print_table(
+        "Endpoints under concurrent clients",
+        ["endpoint", "clients", "requests", "p50 ms", "p99 ms", "req/s"],
+        [[r["endpoint"], r["clients"], r["requests"], r["p50"], r["p99"], r["req_s"]] for r in endpoints],
+    )
+    worst = max(rows_e2e[1:], key=lambda r: r["overhead_ms"])
+    goals = {
+        "overhead_ratio": {
+            "goal": f"< {GOALS['overhead_ratio']:.0%}",
+            "measured": worst["ratio"] - 1,
+            "met": worst["ratio"] - 1 < GOALS["overhead_ratio"],
+        },
+        "overhead_ms": {
+            "goal": f"< {GOALS['overhead_ms']:g} ms",
+            "measured": worst["overhead_ms"],
+            "met": worst["overhead_ms"] < GOALS["overhead_ms"],
+        },
+        "poll_p99_ms": {
+            "goal": f"< {GOALS['poll_p99_ms']:g} ms p99 ({n_store} jobs, 1 client)",
+            "measured": endpoints[2]["p99"],
+            "met": endpoints[2]["p99"] < GOALS["poll_p99_ms"],
+        },
+    }
+    t3 = print_table(
+        "Goals",
+        ["goal", "target", "measured", "met"],
+        [[k, v["goal"], v["measured"], v["met"]] for k, v in goals.items()],
+    )
+    write_json(
+        out / "overhead.json",
+        {
+            "jobs": jobs,
+            "steps": args.steps,
+            "size": args.size,
+            "direct_ms": direct,
+            "latency": rows_e2e,
+            "endpoints": endpoints,
+            "goals": goals,
+            "tables": [t1, t2, t3],
+        },
+    )
+    write_csv(out / "overhead.csv", rows_e2e + endpoints)
+    (out / "overhead.md").write_text("\n\n".join([t1, t2, t3]) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

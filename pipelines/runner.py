@@ -1,0 +1,116 @@
+"""One call of a Qwen-Image-Edit pipeline: inputs checked up front, seed to generator, per-step
+progress and cancellation through ``callback_on_step_end``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from pipelines.lora import LoraManager, LoraRequest
+from pipelines.registry import Variant
+
+
+class RunCancelled(Exception):
+    """The step callback asked the run to stop."""
+
+
+@dataclass
+class EditInputs:
+    images: list[Image.Image]
+    prompt: str
+    seed: int
+    num_inference_steps: int
+    true_cfg_scale: float = 4.0
+    negative_prompt: str | None = " "
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1
+    loras: list[LoraRequest] = field(default_factory=list)  # -lora endpoints: active for this run only
+
+
+@dataclass
+class EditResult:
+    images: list[Image.Image]
+    seconds: float  # the pipeline call alone
+
+
+# Called after each denoising step with (steps done, total); returning False cancels the run.
+StepCallback = Callable[[int, int], bool]
+
+
+class EditRunner:
+    def __init__(self, pipe: Any, variant: Variant, device: str, loras: LoraManager | None = None) -> None:
+        self.pipe = pipe
+        self.variant = variant
+        self.device = device
+        self.loras = loras
+
+    def check_inputs(self, inputs: EditInputs) -> None:
+        if not inputs.images:
+            raise ValueError("at least one input image is required")
+        if len(inputs.images) > self.variant.max_images:
+            raise ValueError(f"{self.variant.name} takes at most {self.variant.max_images} images")
+        if not inputs.prompt.strip():
+            raise ValueError("prompt must not be empty")
+        if inputs.num_inference_steps < 1:
+            raise ValueError("num_inference_steps must be at least 1")
+        if (inputs.width is None) != (inputs.height is None):
+            raise ValueError("give both width and height, or neither")
+        if inputs.num_images < 1:
+            raise ValueError("num_images must be at least 1")
+        if inputs.loras and self.loras is None:
+            raise ValueError("this worker does not load LoRAs")
+        if len(inputs.loras) > 3:
+            raise ValueError("at most 3 LoRAs")
+
+    def __call__(self, inputs: EditInputs, on_step: StepCallback | None = None) -> EditResult:
+        import torch
+
+        self.check_inputs(inputs)
+        total = inputs.num_inference_steps
+        cancelled = False
+
+        def callback(pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            nonlocal cancelled
+            if on_step is not None and not on_step(step + 1, total) and not cancelled:
+                cancelled = True
+                pipe._interrupt = True  # diffusers skips the remaining steps
+            return kwargs
+
+        # A CPU generator draws the same noise whatever the device: seeds reproduce across machines.
+        generator = torch.Generator(device="cpu").manual_seed(inputs.seed)
+        use_cfg = inputs.true_cfg_scale > 1.0 and inputs.negative_prompt is not None
+        image_arg: Any = inputs.images if self.variant.multi_image else inputs.images[0]
+        if on_step is not None:
+            on_step(0, total)
+        started = time.perf_counter()
+        applied = self.loras.applied(inputs.loras) if self.loras is not None else contextlib.nullcontext()
+        with applied, torch.inference_mode():
+            out = self.pipe(
+                image=image_arg,
+                prompt=inputs.prompt,
+                negative_prompt=inputs.negative_prompt if use_cfg else None,
+                true_cfg_scale=inputs.true_cfg_scale if use_cfg else 1.0,
+                width=inputs.width,
+                height=inputs.height,
+                num_inference_steps=total,
+                num_images_per_prompt=inputs.num_images,
+                generator=generator,
+                callback_on_step_end=callback,
+                output_type="pil",
+            )
+        seconds = time.perf_counter() - started
+        if cancelled:
+            raise RunCancelled()
+        images: list[Image.Image] = list(out.images)
+        if inputs.width and inputs.height:
+            # The pipeline rounds sizes down to multiples of 16; the client asked for exact pixels.
+            size = (inputs.width, inputs.height)
+            images = [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in images]
+        return EditResult(images=images, seconds=seconds)

@@ -1,0 +1,285 @@
+"""Speed settings applied to a loaded Qwen-Image-Edit pipeline.
+
+Each is independent and reported: what was applied, and what was skipped and why.
+
+- batched CFG: the conditional and unconditional transformer passes of a true-CFG step run as one
+  forward of batch 2 (prompt embeddings padded to one length, masks marking the padding);
+- attention backend: diffusers' attention dispatcher (``transformer.set_attention_backend``);
+- regional ``torch.compile`` of the repeated transformer blocks, shapes marked dynamic;
+- fp8 dynamic-activation linear layers (torchao), on GPUs with fp8 tensor cores;
+- step caching (cache-dit's DBCache), a quality/speed trade-off, off by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+ATTENTION_BACKENDS = ("default", "native", "flash", "_flash_3", "sage", "_native_cudnn", "_native_flash", "xformers")
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    batched_cfg: bool = True
+    attention_backend: str = "default"  # "default": leave diffusers' choice alone
+    compile: bool = False
+    fp8: bool = False
+    step_cache: bool = False
+    step_cache_warmup_steps: int = 8  # DBCache: full steps before caching starts
+    step_cache_threshold: float = 0.12  # DBCache residual difference threshold
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> SpeedConfig:
+        """From an object with ``speed_*`` attributes (the server's Settings)."""
+        return cls(
+            batched_cfg=settings.speed_batched_cfg,
+            attention_backend=settings.speed_attention_backend,
+            compile=settings.speed_compile,
+            fp8=settings.speed_fp8,
+            step_cache=settings.speed_step_cache,
+            step_cache_warmup_steps=settings.speed_step_cache_warmup_steps,
+            step_cache_threshold=settings.speed_step_cache_threshold,
+        )
+
+
+@dataclass
+class SpeedReport:
+    applied: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # setting -> why
+
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped[name] = reason
+        log.warning("speed setting not applied", setting=name, reason=reason)
+
+
+def apply_speed(pipe: Any, config: SpeedConfig, device: str) -> SpeedReport:
+    """Apply ``config`` to ``pipe`` in place (call once, after loading and moving to ``device``)."""
+    report = SpeedReport()
+    if config.attention_backend != "default":
+        set_attention_backend(pipe.transformer, config.attention_backend, report)
+    if config.fp8:
+        quantize_fp8(pipe.transformer, device, report)
+    if config.step_cache:
+        enable_step_cache(pipe, config, report)
+    if config.batched_cfg:
+        if "step_cache=dbcache" in report.applied:
+            report.skip("batched_cfg", "step caching keeps separate cond/uncond caches; passes stay unbatched")
+        else:
+            BatchedCFG.install(pipe)
+            report.applied.append("batched_cfg")
+    if config.compile:
+        compile_blocks(pipe.transformer, report)
+    log.info("speed settings", applied=report.applied, skipped=report.skipped)
+    return report
+
+
+# --- attention backend -------------------------------------------------------------------
+
+
+def set_attention_backend(transformer: Any, backend: str, report: SpeedReport) -> None:
+    try:
+        transformer.set_attention_backend(backend)
+    except Exception as exc:  # unknown name, kernel package missing, wrong GPU
+        report.skip("attention_backend", f"{backend!r} unavailable ({type(exc).__name__}: {exc}); using native")
+        with contextlib.suppress(Exception):
+            transformer.set_attention_backend("native")
+        return
+    report.applied.append(f"attention_backend={backend}")
+
+
+# --- regional compile --------------------------------------------------------------------
+
+
+def compile_blocks(transformer: Any, report: SpeedReport) -> None:
+    """Compile the repeated transformer block once; every block reuses the compiled code."""
+    import torch
+
+    # Image and text lengths change with the size and prompt: compile with dynamic shapes from
+    # the start, so the common sizes share one graph instead of recompiling at each new size.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if hasattr(transformer, "compile_repeated_blocks"):
+        transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+        report.applied.append("compile=repeated_blocks")
+        return
+    for block in transformer.transformer_blocks:  # pragma: no cover - older diffusers
+        block.compile(fullgraph=True, dynamic=True)
+    report.applied.append("compile=per_block")
+
+
+# --- fp8 ---------------------------------------------------------------------------------
+
+
+def fp8_unavailable_reason(device: str) -> str | None:
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return "fp8 matmuls need a CUDA GPU"
+    if torch.cuda.get_device_capability() < (8, 9):
+        return "fp8 tensor cores need compute capability 8.9+ (Ada, Hopper)"
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        return "torchao is not installed (pip install torchao)"
+    return None
+
+
+def quantize_fp8(transformer: Any, device: str, report: SpeedReport) -> None:
+    reason = fp8_unavailable_reason(device)
+    if reason:
+        report.skip("fp8", reason)
+        return
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    # Only the large linear layers of the blocks: the embedders and output layer stay bf16.
+    quantize_(
+        transformer,
+        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        filter_fn=lambda mod, fqn: fqn.startswith("transformer_blocks.") and mod.__class__.__name__ == "Linear",
+    )
+    report.applied.append("fp8")
+
+
+# --- step caching ------------------------------------------------------------------------
+
+
+def enable_step_cache(pipe: Any, config: SpeedConfig, report: SpeedReport) -> None:
+    try:
+        import cache_dit
+    except ImportError:
+        report.skip("step_cache", "cache-dit is not installed (pip install cache-dit)")
+        return
+    blocks = len(pipe.transformer.transformer_blocks)
+    try:
+        cache_dit.enable_cache(
+            pipe,
+            cache_config=cache_dit.DBCacheConfig(
+                # F8B0 on the 60-block model; small models keep at least one cached block.
+                Fn_compute_blocks=min(8, max(1, blocks // 2)),
+                Bn_compute_blocks=0,
+                max_warmup_steps=config.step_cache_warmup_steps,
+                residual_diff_threshold=config.step_cache_threshold,
+            ),
+        )
+    except Exception as exc:
+        report.skip("step_cache", f"cache-dit refused this pipeline ({type(exc).__name__}: {exc})")
+        return
+    report.applied.append("step_cache=dbcache")
+
+
+# --- batched CFG -------------------------------------------------------------------------
+
+
+def pad_text(embeds: Any, mask: Any | None, length: int) -> tuple[Any, Any]:
+    """Right-pad (batch, seq, dim) embeddings to ``length``; the bool mask marks the real tokens."""
+    import torch
+
+    batch, seq = embeds.shape[:2]
+    if mask is None:
+        mask = torch.ones((batch, seq), dtype=torch.bool, device=embeds.device)
+    mask = mask.to(torch.bool)
+    if seq < length:
+        embeds = torch.cat([embeds, embeds.new_zeros((batch, length - seq, embeds.shape[2]))], dim=1)
+        mask = torch.cat([mask, mask.new_zeros((batch, length - seq))], dim=1)
+    return embeds, mask
+
+
+class BatchedCFG:
+    """Runs the pipeline's cond and uncond transformer calls of a step as one batch-2 forward.
+
+    The pipeline encodes the prompt, then the negative prompt, then per step calls the
+    transformer with the prompt's embeddings and then with the negative's, on the same latents.
+    We record the two encodings; at the cond call we run both halves at once, return the cond
+    half and keep the uncond half for the uncond call that follows. Anything else (no CFG, other
+    inputs) goes through the transformer unchanged.
+    """
+
+    def __init__(self, pipe: Any) -> None:
+        self.transformer = pipe.transformer
+        self._forward = pipe.transformer.forward
+        self._encode = pipe.encode_prompt
+        self._encoded: deque[Any] = deque(maxlen=2)
+        self._stash: tuple[Any, Any, Any] | None = None  # (latents, negative embeds, uncond output)
+        self.batched_calls = 0
+
+    @classmethod
+    def install(cls, pipe: Any) -> BatchedCFG:
+        if isinstance(getattr(pipe, "_batched_cfg", None), BatchedCFG):
+            return pipe._batched_cfg  # type: ignore[no-any-return]
+        hook = cls(pipe)
+        pipe.encode_prompt = hook.encode_prompt
+        pipe.transformer.forward = hook.forward
+        pipe._batched_cfg = hook
+        return hook
+
+    @classmethod
+    def uninstall(cls, pipe: Any) -> None:
+        hook = getattr(pipe, "_batched_cfg", None)
+        if isinstance(hook, BatchedCFG):
+            pipe.encode_prompt = hook._encode
+            pipe.transformer.forward = hook._forward
+            del pipe._batched_cfg
+
+    def encode_prompt(self, *args: Any, **kwargs: Any) -> Any:
+        out = self._encode(*args, **kwargs)
+        self._encoded.append(out)
+        self._stash = None
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = kwargs.get("hidden_states")
+        text = kwargs.get("encoder_hidden_states")
+        if args or hidden is None or text is None:
+            return self._forward(*args, **kwargs)
+        stash = self._stash
+        if stash is not None and stash[0] is hidden and stash[1] is text:
+            self._stash = None
+            return self._wrap(stash[2], kwargs)
+        if len(self._encoded) == 2 and self._encoded[0][0] is text:
+            (pos, pos_mask), (neg, neg_mask) = self._encoded
+            if pos.shape[0] == hidden.shape[0] and neg.shape[0] == hidden.shape[0]:
+                cond, uncond = self._both(hidden, pos, pos_mask, neg, neg_mask, kwargs)
+                self._stash = (hidden, neg, uncond)
+                self.batched_calls += 1
+                return self._wrap(cond, kwargs)
+        return self._forward(*args, **kwargs)
+
+    def _both(self, hidden: Any, pos: Any, pos_mask: Any, neg: Any, neg_mask: Any, kwargs: dict[str, Any]) -> Any:
+        import torch
+
+        batch = hidden.shape[0]
+        length = max(pos.shape[1], neg.shape[1])
+        same = pos.shape[1] == neg.shape[1] and pos_mask is None and neg_mask is None
+        if same:
+            text, mask = torch.cat([pos, neg]), None  # no padding: keep the mask-free attention path
+        else:
+            pos, pos_mask = pad_text(pos, pos_mask, length)
+            neg, neg_mask = pad_text(neg, neg_mask, length)
+            text, mask = torch.cat([pos, neg]), torch.cat([pos_mask, neg_mask])
+        both = dict(kwargs)
+        both.update(
+            hidden_states=torch.cat([hidden, hidden]),
+            encoder_hidden_states=text,
+            encoder_hidden_states_mask=mask,
+            return_dict=False,
+        )
+        for name in ("timestep", "guidance"):
+            if both.get(name) is not None:
+                both[name] = torch.cat([both[name], both[name]])
+        if both.get("img_shapes") is not None:
+            both["img_shapes"] = list(both["img_shapes"]) * 2
+        out = self._forward(**both)[0]
+        return out[:batch], out[batch:]
+
+    @staticmethod
+    def _wrap(sample: Any, kwargs: dict[str, Any]) -> Any:
+        if kwargs.get("return_dict", True):
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=sample)
+        return (sample,)

@@ -1,0 +1,64 @@
+"""What the routers share: the services built at start-up, and small request helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from fastapi import Request
+
+from pipelines.registry import endpoints_of, get_variant
+from server.auth import Authenticator
+from server.jobs.store import JobStore
+from server.ratelimit import RateLimiter
+from server.settings import Settings
+from server.storage import Storage
+
+if TYPE_CHECKING:
+    from server.uploads import UploadSigner
+    from server.waiter import CompletionWaiter
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: JobStore
+    storage: Storage
+    auth: Authenticator
+    waiter: CompletionWaiter
+    uploads: UploadSigner
+    webhook_secret: str
+    variants: list[str] = field(default_factory=list)
+    rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))  # per-key submits/minute
+
+    def settings_variants(self) -> list[str]:
+        return self.variants
+
+    def served_models(self) -> str:
+        return ", ".join(m for v in self.variants for m in endpoints_of(get_variant(v)))
+
+    def own_origins(self, request: Request) -> set[str]:
+        """scheme://host[:port] under which clients reach this server (to recognise our own links)."""
+        bases = {str(request.base_url)}
+        if self.settings.public_url:
+            bases.add(self.settings.public_url)
+        return {f"{p.scheme}://{p.netloc}".lower() for p in map(urlsplit, bases)}
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+def caller(request: Request) -> str | None:
+    """FastAPI dependency: authenticate the request, return the caller's key id."""
+    svc: Services = request.app.state.services
+    return svc.auth(request)
+
+
+def base_url(request: Request, settings: Settings) -> str:
+    """Where clients reach us: the configured public URL, else what this request was sent to."""
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    return str(request.base_url).rstrip("/")

@@ -1,0 +1,212 @@
+"""``qwen-edit``: serve (API + workers), worker (a worker alone), weights (model folders)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("qwen_edit")
+
+
+def _apply_overrides(args: argparse.Namespace) -> None:
+    # Flags become environment variables, so worker processes started by `serve` see them too.
+    mapping = {
+        "host": "HOST",
+        "port": "PORT",
+        "data_dir": "DATA_DIR",
+        "model": "MODEL",
+        "variant": "VARIANT",
+        "workers": "EMBEDDED_WORKERS",
+        "device": "DEVICE",
+        "database_url": "DATABASE_URL",
+    }
+    for attr, env in mapping.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            os.environ[f"QWEN_EDIT_{env}"] = str(value)
+    if getattr(args, "no_auth", False):
+        os.environ["QWEN_EDIT_AUTH_DISABLED"] = "true"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.jobs.store import JobStore
+    from server.logs import configure_logging
+    from server.settings import Settings
+    from server.supervisor import WorkerSupervisor
+
+    _apply_overrides(args)
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = JobStore(settings.resolved_database_url, run_dir=settings.run_dir)
+    store.migrate()
+    store.close()
+
+    fatal: list[str] = []
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        log.error("stopping the server", reason=reason)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    supervisor = WorkerSupervisor(settings, on_fatal)
+    supervisor.start()
+    # uvicorn re-raises the SIGTERM/SIGINT it caught once it has shut down; with the default
+    # handlers that kills this process before the workers are drained (they then die by
+    # PDEATHSIG mid-job). Ignore the re-raised signal so that supervisor.stop() below runs.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: log.info("stopping: draining workers", signal=signum))
+    try:
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            proxy_headers=True,
+            forwarded_allow_ips=settings.forwarded_allow_ips,
+            log_config=None,
+            timeout_graceful_shutdown=int(settings.sync_timeout_s) + 5,
+        )
+    finally:
+        supervisor.stop()
+    if fatal:
+        print(f"qwen-edit: {fatal[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from pipelines.loader import ModelLoadError
+    from server.logs import configure_logging
+    from server.settings import Settings
+    from server.supervisor import EXIT_LOAD_FAILED
+    from server.worker_main import run_worker
+
+    _apply_overrides(args)
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    worker_id = settings.worker_id or f"{socket.gethostname()}/{args.slot}"
+    try:
+        return run_worker(settings, worker_id)
+    except ModelLoadError as exc:
+        print(f"qwen-edit worker: cannot load the model: {exc}", file=sys.stderr)
+        return EXIT_LOAD_FAILED
+
+
+def cmd_weights_tiny(args: argparse.Namespace) -> int:
+    from weights.tiny import build_tiny_model
+
+    folder = build_tiny_model(Path(args.dir), args.variant, seed=args.seed)
+    print(f"built a tiny random {args.variant!r} model in {folder}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.client import main as bench_main  # benchmarks are imported only when asked for
+
+    return bench_main(args.bench_args)
+
+
+def cmd_weights_download(args: argparse.Namespace) -> int:
+    from weights.hub import default_folder, download, resolve_repo
+
+    repo = resolve_repo(args.repo)
+    folder = Path(args.dir) if args.dir else default_folder(repo)
+    download(repo, folder, revision=args.revision)
+    print(f"downloaded {repo} into {folder} (manifest written; `qwen-edit weights verify {folder}`)")
+    return 0
+
+
+def cmd_weights_verify(args: argparse.Namespace) -> int:
+    from weights.hub import resolve_repo, verify
+
+    report = verify(
+        Path(args.dir), resolve_repo(args.repo) if args.repo else None, online=args.online, hashes=not args.fast
+    )
+    print(report.text())
+    return 0 if report.ok else 1
+
+
+def cmd_weights_list(args: argparse.Namespace) -> int:
+    from weights.hub import list_folders
+
+    lines = list_folders(Path(args.dir))
+    print("\n".join(lines) if lines else f"no model folders under {args.dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen-edit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", help="state folder (jobs.db, files, tiny model); env QWEN_EDIT_DATA_DIR")
+        p.add_argument("--database-url", help="sqlite:///… or postgresql://…; env QWEN_EDIT_DATABASE_URL")
+        p.add_argument("--model", help="model folder or Hub id; env QWEN_EDIT_MODEL")
+        p.add_argument("--variant", help="edit, edit-plus or edit-2511; env QWEN_EDIT_VARIANT")
+        p.add_argument("--device", help="auto, cpu, cuda, cuda:1 …; env QWEN_EDIT_DEVICE")
+
+    serve = sub.add_parser("serve", help="run the API, with worker processes beside it")
+    common(serve)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, help="worker processes to start (0: API only)")
+    serve.add_argument("--no-auth", action="store_true", help="accept requests without an API key (local use)")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run one worker (no API)")
+    common(worker)
+    worker.add_argument("--slot", type=int, default=0, help="this machine's worker number (its stable id)")
+    worker.set_defaults(func=cmd_worker)
+
+    weights = sub.add_parser("weights", help="model folders")
+    wsub = weights.add_subparsers(dest="weights_command", required=True)
+    tiny = wsub.add_parser("tiny", help="build a tiny random model folder (offline, for tests and trials)")
+    tiny.add_argument("dir")
+    tiny.add_argument("--variant", default="edit")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_weights_tiny)
+
+    bench = sub.add_parser(
+        "bench", help="latency benchmark of a v3 endpoint (see `qwen-edit bench -h`)", add_help=False
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    # --- weights download / verify / list (runtime) ---
+    dl = wsub.add_parser("download", help="download a model (resumable; only what the pipeline needs)")
+    dl.add_argument("repo", help="variant (edit, edit-plus, edit-2511) or Hub id")
+    dl.add_argument("--dir", help="target folder (default: weights/<repo name>)")
+    dl.add_argument("--revision")
+    dl.set_defaults(func=cmd_weights_download)
+    ver = wsub.add_parser("verify", help="check a model folder: missing or corrupt files (exit 1 if any)")
+    ver.add_argument("dir")
+    ver.add_argument("--repo", help="variant or Hub id to compare with (with --online)")
+    ver.add_argument("--online", action="store_true", help="compare with the Hub's file list, not the manifest")
+    ver.add_argument("--fast", action="store_true", help="sizes only, no sha256")
+    ver.set_defaults(func=cmd_weights_verify)
+    ls = wsub.add_parser("list", help="list the model folders present")
+    ls.add_argument("--dir", default="weights")
+    ls.set_defaults(func=cmd_weights_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = extra + args.bench_args  # options belong to the benchmark's own parser
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The job store's tables (SQLAlchemy Core), shared by SQLite and PostgreSQL.
+
+Times are integer epoch milliseconds: portable across both databases and cheap to compare.
+The schema itself is created and changed only by the Alembic migrations beside this file.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table, Text
+
+metadata = MetaData()
+
+
+class Status(enum.StrEnum):
+    """The only four words a client ever sees."""
+
+    CREATED = "created"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Status.COMPLETED, Status.FAILED)
+
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("model", String(128), nullable=False),
+    Column("variant", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("input", JSON, nullable=False),  # what the client sent (inline images replaced by links)
+    Column("params", JSON, nullable=False),  # what the worker runs: resolved seed, sizes, image refs
+    Column("base_url", Text, nullable=False),  # for absolute links in results and webhooks
+    Column("outputs", JSON, nullable=False, default=list),  # storage keys
+    Column("output_format", String(8), nullable=False),
+    Column("base64_output", Boolean, nullable=False, default=False),
+    Column("seed", BigInteger, nullable=False),
+    Column("error", Text, nullable=False, default=""),
+    Column("error_code", Integer, nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    Column("lease_token", String(32), nullable=True),
+    Column("lease_owner", String(128), nullable=True),
+    Column("lease_expires_at", BigInteger, nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("progress_step", Integer, nullable=False, default=0),
+    Column("progress_total", Integer, nullable=False, default=0),
+    Column("inference_ms", Integer, nullable=False, default=0),
+    Column("webhook_url", Text, nullable=True),
+    Column("api_key_id", String(16), nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("started_at", BigInteger, nullable=True),
+    Column("finished_at", BigInteger, nullable=True),
+    Column("updated_at", BigInteger, nullable=False),
+    Index("ix_jobs_queue", "status", "variant", "priority", "created_at"),
+    Index("ix_jobs_lease", "status", "lease_expires_at"),
+    Index("ix_jobs_finished", "finished_at"),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("job_id", String(32), primary_key=True),
+    Column("url", Text, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", BigInteger, nullable=False),
+    Column("lease_expires_at", BigInteger, nullable=True),
+    Column("delivered_at", BigInteger, nullable=True),
+    Column("gave_up", Boolean, nullable=False, default=False),
+    Column("last_error", Text, nullable=False, default=""),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_webhooks_due", "delivered_at", "gave_up", "next_attempt_at"),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("variant", String(32), nullable=False),
+    Column("state", String(16), nullable=False),  # loading, ready, stopped, failed
+    Column("detail", Text, nullable=False, default=""),
+    Column("started_at", BigInteger, nullable=False),
+    Column("heartbeat_at", BigInteger, nullable=False),
+)
+
+# Small server-wide values every replica must agree on (webhook secret, upload signing key).
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+
+@dataclass
+class Job:
+    id: str
+    model: str
+    variant: str
+    status: Status
+    input: dict[str, Any]
+    params: dict[str, Any]
+    base_url: str
+    output_format: str
+    base64_output: bool
+    seed: int
+    max_attempts: int
+    created_at: int
+    updated_at: int
+    priority: int = 0
+    outputs: list[str] = field(default_factory=list)
+    error: str = ""
+    error_code: int | None = None
+    attempts: int = 0
+    lease_token: str | None = None
+    lease_owner: str | None = None
+    lease_expires_at: int | None = None
+    cancel_requested: bool = False
+    progress_step: int = 0
+    progress_total: int = 0
+    inference_ms: int = 0
+    webhook_url: str | None = None
+    api_key_id: str | None = None
+    started_at: int | None = None
+    finished_at: int | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Job:
+        values = dict(row._mapping)
+        values["status"] = Status(values["status"])
+        return cls(**values)
+
+
+@dataclass
+class WorkerInfo:
+    id: str
+    host: str
+    pid: int
+    variant: str
+    state: str
+    detail: str
+    started_at: int
+    heartbeat_at: int

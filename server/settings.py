@@ -1,0 +1,187 @@
+"""The one configuration object, read once at start-up from ``QWEN_EDIT_*`` variables (or .env)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QWEN_EDIT_", env_file=".env", extra="ignore")
+
+    # --- network -------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Base of the absolute URLs we hand out (urls.get, outputs, uploads). Unset: the base URL
+    # the client used for that request (honouring X-Forwarded-* from trusted proxies).
+    public_url: str | None = None
+    forwarded_allow_ips: str = "127.0.0.1"
+
+    # --- state ---------------------------------------------------------------------------
+    data_dir: Path = Path("data")
+    # Unset: SQLite (WAL) at data_dir/jobs.db. PostgreSQL: postgresql://user@host/db
+    database_url: str | None = None
+    # Unset: data_dir/files.
+    storage_dir: Path | None = None
+
+    # --- model ---------------------------------------------------------------------------
+    variant: str = "edit"
+    # A folder or Hub id of the model to serve. Unset: weights/<Hub repo name> when present,
+    # else a tiny random model built into data_dir/tiny/<variant> (noise, for trying things out).
+    model: str | None = None
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    default_steps: int = Field(50, ge=1, le=200)
+    default_true_cfg_scale: float = Field(4.0, ge=1.0, le=20.0)
+    # True CFG only runs with a negative prompt: " " turns it on with no negative text.
+    default_negative_prompt: str = " "
+    allow_overrides: bool = True  # per-request num_inference_steps / true_cfg_scale / negative_prompt
+    max_steps: int = Field(100, ge=1)
+    warmup: bool = True
+
+    # --- workers -------------------------------------------------------------------------
+    # Workers started by `qwen-edit serve` beside the API (0: API only, for scale-out).
+    embedded_workers: int = Field(1, ge=0)
+    worker_id: str | None = None  # stable per GPU slot; unset: <hostname>/<slot>
+    lease_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    poll_interval_s: float = Field(1.0, gt=0)
+
+    # --- API behaviour -------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    auth_disabled: bool = False
+    sync_timeout_s: float = Field(120.0, gt=0)
+    queue_cap: int = Field(1000, ge=1)
+    max_body_bytes: int = 40 * 1024 * 1024
+    max_image_bytes: int = 25 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_prompt_chars: int = 4000
+    fetch_timeout_s: float = Field(20.0, gt=0)
+    upload_ttl_s: int = Field(3600, gt=0)
+
+    # --- webhooks ------------------------------------------------------------------------
+    webhook_secret: str | None = None  # whsec_…; unset: generated once and kept in the database
+    webhook_max_attempts: int = Field(8, ge=1)
+    webhook_timeout_s: float = 10.0
+
+    # --- scale-out storage (S3-compatible object storage) -----------------------------------
+    # Unset: the local folder storage_dir. s3://bucket/prefix: S3 or any S3-compatible server;
+    # credentials come from the usual AWS_* variables (or an instance role).
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None  # e.g. http://minio:9000; unset: AWS itself
+    s3_region: str | None = None  # unset: AWS_DEFAULT_REGION / AWS_REGION
+    # Output links: through the API (/files/..., the default) or presigned object-store URLs.
+    storage_presign: bool = False
+    storage_presign_ttl_s: int = Field(3600, gt=0)
+    # `qwen-edit worker` told to stop: finish the running job for up to this long, then hand it back.
+    worker_drain_s: float = Field(30.0, ge=0)
+
+    # --- hardening: SSRF, per-key limits, retention, fault injection -------------------------
+    # Outbound requests (image URLs, webhooks) never reach loopback, private, link-local, multicast,
+    # reserved or cloud-metadata addresses, except these CIDRs / host names ("10.0.0.0/8,images.lan").
+    fetch_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    rate_limit_per_minute: int = Field(default=0, ge=0)  # submits per API key per minute; 0: unlimited
+    max_jobs_per_key: int = Field(default=0, ge=0)  # queued + running jobs per API key; 0: unlimited
+    retention_s: float = Field(default=0, ge=0)  # delete finished jobs and their files after this long; 0: keep
+    retention_interval_s: float = Field(default=600.0, gt=0)
+    # TEST ONLY (server/faults.py): prompts carrying a [[fault:...]] marker make the worker fail on purpose.
+    fault_injection: bool = False
+
+    # --- speed (pipelines/speed.py; benchmarks/) -----------------------------------------
+    # Cond and uncond passes of a true-CFG step as one batch-2 forward (same results, fewer launches).
+    speed_batched_cfg: bool = True
+    # diffusers attention dispatcher: default (leave alone), native, flash, _flash_3, sage, _native_cudnn …
+    # Unavailable backends fall back to native with a warning.
+    speed_attention_backend: str = "default"
+    speed_compile: bool = False  # regional torch.compile of the transformer blocks (dynamic shapes)
+    speed_fp8: bool = False  # torchao fp8 dynamic-activation linears (Ada/Hopper GPUs only)
+    speed_step_cache: bool = False  # cache-dit DBCache: faster, slightly different images
+    speed_step_cache_warmup_steps: int = Field(8, ge=0)
+    speed_step_cache_threshold: float = Field(0.12, gt=0)
+
+    # --- runtime: variants, memory modes, LoRAs, presets -------------------------------------
+    # The variants served, worker slot i serving variants[i % len] (one base model per worker).
+    # Unset: [variant]. Each endpoint of a variant with no worker answers 404 "not enabled".
+    variants: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Model folder or Hub id per variant: "edit-plus=/models/Qwen-Image-Edit-2509,edit-2511=Qwen/Qwen-Image-Edit-2511".
+    # A variant not listed: `model` if it is `variant`, else weights/<repo name>, else the tiny model.
+    models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # auto (from free GPU memory), full, text-encoder-offload, model-offload, group-block, group-leaf.
+    memory_mode: str = "auto"
+    quantize: str = "auto"  # auto (fp8 when memory needs it and the GPU has fp8), none, fp8, int8
+    lora_cache_size: int = Field(4, ge=1)  # adapters kept loaded per worker (LRU)
+    # lightning-4 / lightning-8: that many steps, CFG off, FlowMatch shift 3; with lightning_lora
+    # (a file, URL or Hub file like lightx2v/Qwen-Image-Lightning/<file>.safetensors) always on.
+    preset: Literal["default", "lightning-4", "lightning-8"] = "default"
+    lightning_lora: str | None = None
+
+    # --- logs ----------------------------------------------------------------------------
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @field_validator("api_keys", "fetch_allow", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _split_variants(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError("models must look like 'edit-plus=/path,edit-2511=owner/repo'")
+            return {k.strip(): v.strip() for k, v in pairs}
+        return value
+
+    @model_validator(mode="after")
+    def _apply_preset(self) -> Settings:
+        if self.preset != "default":
+            self.default_steps = int(self.preset.rsplit("-", 1)[1])
+            self.default_true_cfg_scale = 1.0  # Lightning is distilled without CFG
+        return self
+
+    def slot_variant(self, slot: int) -> str:
+        variants = self.variants or [self.variant]
+        return variants[slot % len(variants)]
+
+    def model_for(self, variant: str) -> str | None:
+        return self.models.get(variant) or (self.model if variant == self.variant else None)
+
+    @property
+    def served_variants(self) -> list[str]:
+        """Variants with a worker here (embedded), or the configured ones (scale-out: workers elsewhere)."""
+        if self.embedded_workers == 0:
+            return list(self.variants or [self.variant])
+        return list(dict.fromkeys(self.slot_variant(i) for i in range(self.embedded_workers)))
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            url = self.database_url
+            # SQLAlchemy's default PostgreSQL driver is psycopg2; we ship psycopg 3.
+            if url.startswith("postgresql://") or url.startswith("postgres://"):
+                url = "postgresql+psycopg://" + url.split("://", 1)[1]
+            return url
+        return f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.data_dir / "files").resolve()
+
+    @property
+    def run_dir(self) -> Path:
+        """Sockets the processes of one machine wake each other with."""
+        return (self.data_dir / "run").resolve()

@@ -1,0 +1,171 @@
+"""The CPU benchmarks in their short mode, so that they cannot rot: each runs end to end on the
+tiny model and writes its table, JSON, CSV and plot. No timing thresholds: numbers are only
+checked for sanity (present, positive, consistent)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, ServerProc
+
+PY = sys.executable
+
+
+def test_client_against_the_server(server: ServerProc, tmp_path: Path) -> None:
+    out = tmp_path / "client"
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "server.cli",
+            "bench",
+            "--url",
+            server.url,
+            "--key",
+            "test-key-1",
+            "-n",
+            "2",
+            "-c",
+            "1",
+            "2",
+            "--mode",
+            "async",
+            "--poll-interval",
+            "0.05",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "e2e p50 ms" in proc.stdout  # the printed table
+    report = json.loads((out / "client.json").read_text())
+    assert [s["concurrency"] for s in report["summaries"]] == [1, 2]
+    for s in report["summaries"]:
+        assert s["completed"] == 2 and s["failed"] == 0 and s["throughput_jobs_s"] > 0
+        assert s["e2e_ms"]["p50"] >= s["inference_ms"]["p50"] > 0  # the server reports its inference time
+    rows = list(csv.DictReader((out / "client.csv").open()))
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
+    assert (out / "client.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_client_sync_mode(server: ServerProc, tmp_path: Path) -> None:
+    out = tmp_path / "sync"
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "benchmarks.client",
+            "--url",
+            server.url,
+            "--key",
+            "test-key-1",
+            "-n",
+            "1",
+            "--mode",
+            "sync",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = json.loads((out / "client.json").read_text())["jobs"][0]
+    assert job["status"] == "completed" and job["polls"] == 0  # held POST, no polling
+    assert job["queue_ms"] is not None and job["queue_ms"] >= 0
+
+
+def test_client_reports_rejected_jobs(server: ServerProc, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "benchmarks.client",
+            "--url",
+            server.url,
+            "--key",
+            "wrong",
+            "-n",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    job = json.loads((tmp_path / "client.json").read_text())["jobs"][0]
+    assert job["status"] == "http 401"
+
+
+@pytest.mark.timeout(1800)  # a shared 2-core CPU: the tiny model's 1 MP VAE pass is slow
+def test_overhead_quick(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "benchmarks.overhead",
+            "--quick",
+            "--jobs",
+            "2",
+            "--requests",
+            "60",
+            "--store-jobs",
+            "100",
+            "--model",
+            str(tiny_models["edit"]),
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "overhead.json").read_text())
+    paths = [r["path"] for r in data["latency"]]
+    assert paths == ["direct (in process)", "HTTP async + polling", "HTTP sync"]
+    assert all(r["p50"] > 0 and r["ratio"] > 0 for r in data["latency"])
+    assert len(data["direct_ms"]) == 2
+    assert [e["requests"] for e in data["endpoints"][:2]] == [60, 60]
+    assert all(e["p99"] >= e["p50"] > 0 for e in data["endpoints"])
+    assert set(data["goals"]) == {"overhead_ratio", "overhead_ms", "poll_p99_ms"}
+    assert "| path |" in (tmp_path / "overhead.md").read_text()
+    assert len(list(csv.DictReader((tmp_path / "overhead.csv").open()))) == 6
+
+
+@pytest.mark.timeout(1800)
+def test_gpu_benchmark_tiny_on_cpu(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [PY, "-m", "benchmarks.gpu", "--tiny", "--model", str(tiny_models["edit"]), "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert len(data["rows"]) == 6
+    for row in data["rows"]:
+        assert row["s_image"] > 0 and math.isclose(row["s_step"] * 2, row["s_image"])
+        # true CFG: two transformer calls a step (ours answers the second from the batched forward)
+        assert row["transformer_calls"] == row["passes"] == (4 if row["case"].startswith("50-step") else 2)
+    assert "batched_cfg" in data["rows"][3]["runtime"]

@@ -1,0 +1,24 @@
+"""A bounded load test (benchmarks/load_test.py, 15 s) on loopback against a real server with a
+small queue cap: 429s appear at the cap, nothing accepted is lost, result polls keep answering.
+The poll p99 is printed, not asserted (no timing thresholds in tests)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from benchmarks.load_test import report, run
+from tests.conftest import API_KEY
+
+
+def test_load_queue_cap_and_polls(make_server: object) -> None:
+    srv = make_server(QWEN_EDIT_QUEUE_CAP="4")  # type: ignore[operator]
+    tally, missing = asyncio.run(run(srv.url, API_KEY, seconds=15, submitters=6, pollers=3))
+    print("\nload test:", report(tally, missing))
+    assert tally.accepted, "nothing accepted"
+    assert tally.limited > 0, "the queue cap never answered 429"
+    assert tally.retry_after_missing == 0
+    assert not tally.other, tally.other
+    assert missing == []
+    assert tally.poll_ms  # polls answered while the worker was busy
+    for pid in tally.accepted:  # and every accepted job finishes
+        assert srv.wait(pid, timeout=300)["status"] == "completed"

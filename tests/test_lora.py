@@ -1,0 +1,76 @@
+"""pipelines/lora.py on the tiny model: a LoRA changes the output, and turning it off restores it exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.lora import LoraError, LoraManager, LoraRequest, resolve_file
+from pipelines.registry import get_variant
+from pipelines.runner import EditInputs, EditRunner
+from tests.lora_util import build_tiny_lora
+from weights.tiny import build_tiny_pipeline
+
+
+def _inputs(loras: list[LoraRequest] | None = None) -> EditInputs:
+    return EditInputs(
+        images=[Image.new("RGB", (64, 64), (200, 40, 40))],
+        prompt="make it blue",
+        seed=7,
+        num_inference_steps=2,
+        true_cfg_scale=1.0,
+        width=64,
+        height=64,
+        loras=loras or [],
+    )
+
+
+def _pixels(runner: EditRunner, loras: list[LoraRequest] | None = None) -> np.ndarray:
+    return np.asarray(runner(_inputs(loras)).images[0], dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_lora(tmp_path_factory.mktemp("lora"))
+
+
+def test_lora_changes_output_and_unloading_restores_base_exactly(lora_file: Path, tmp_path: Path) -> None:
+    pipe = build_tiny_pipeline("edit")
+    manager = LoraManager(pipe, tmp_path / "cache", max_loaded=1)
+    runner = EditRunner(pipe, get_variant("edit"), "cpu", manager)
+    base = _pixels(runner)
+    with_lora = _pixels(runner, [LoraRequest(str(lora_file), 1.0)])
+    assert np.abs(with_lora - base).max() > 0, "the LoRA did not change the output"
+    assert np.array_equal(_pixels(runner), base), "the base output did not come back exactly"
+    # Loaded once, kept (LRU); a second job reuses it and gives the same pixels.
+    assert list(manager.loaded.values()) == [str(lora_file)]
+    assert np.array_equal(_pixels(runner, [LoraRequest(str(lora_file), 1.0)]), with_lora)
+    # Scale 0 is the base model.
+    assert np.array_equal(_pixels(runner, [LoraRequest(str(lora_file), 0.0)]), base)
+
+
+def test_lru_evicts_the_oldest_adapter(lora_file: Path, tmp_path: Path) -> None:
+    pipe = build_tiny_pipeline("edit")
+    manager = LoraManager(pipe, tmp_path / "cache", max_loaded=1)
+    other = tmp_path / "copy.safetensors"
+    other.write_bytes(lora_file.read_bytes())
+    runner = EditRunner(pipe, get_variant("edit"), "cpu", manager)
+    base = _pixels(runner)
+    _pixels(runner, [LoraRequest(str(lora_file))])
+    _pixels(runner, [LoraRequest(str(other))])
+    assert list(manager.loaded.values()) == [str(other)]
+    assert pipe.get_list_adapters() == {"transformer": list(manager.loaded)}
+    assert np.array_equal(_pixels(runner), base)
+
+
+def test_bad_references_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(LoraError, match="not a local file"):
+        resolve_file("nowhere.safetensors", tmp_path)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    manager = LoraManager(build_tiny_pipeline("edit"), tmp_path / "cache")
+    with pytest.raises(LoraError, match="could not load LoRA"), manager.applied([LoraRequest(str(junk))]):
+        pass

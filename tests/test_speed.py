@@ -1,0 +1,121 @@
+"""pipelines/speed.py on the tiny models: batched CFG matches the two-pass path, and every other
+setting either runs on the CPU or is skipped with its reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.loader import load_pipeline
+from pipelines.registry import get_variant
+from pipelines.runner import EditInputs, EditRunner
+from pipelines.speed import BatchedCFG, SpeedConfig, SpeedReport, apply_speed, pad_text, set_attention_backend
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(folder: Path, variant: str) -> tuple[Any, EditRunner]:
+    import torch
+
+    v = get_variant(variant)
+    pipe = load_pipeline(str(folder), v, device="cpu", dtype=torch.float32)
+    return pipe, EditRunner(pipe, v, "cpu")
+
+
+def _inputs(**kw: Any) -> EditInputs:
+    base: dict[str, Any] = dict(
+        images=[Image.new("RGB", (64, 64), (200, 30, 30))],
+        prompt="turn the red square into a long row of small blue cats",  # longer than the negative
+        negative_prompt="blurry",
+        seed=3,
+        num_inference_steps=2,
+        width=64,
+        height=64,
+    )
+    base.update(kw)
+    return EditInputs(**base)
+
+
+def _pixels(runner: EditRunner, inputs: EditInputs) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.int16) for im in runner(inputs).images])
+
+
+@pytest.fixture(scope="module")
+def tiny_plus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-plus") / "edit-plus"
+    subprocess.run(
+        [sys.executable, "-m", "server.cli", "weights", "tiny", str(folder), "--variant", "edit-plus"],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    return folder
+
+
+@pytest.mark.parametrize("variant", ["edit", "edit-plus"])
+def test_batched_cfg_matches_two_passes(variant: str, tiny_models: dict[str, Path], request: Any) -> None:
+    folder = tiny_models["edit"] if variant == "edit" else request.getfixturevalue("tiny_plus")
+    pipe, runner = _load(folder, variant)
+    inputs = _inputs(num_images=2) if variant == "edit" else _inputs()
+    plain = _pixels(runner, inputs)
+    hook = BatchedCFG.install(pipe)
+    batched = _pixels(runner, inputs)
+    assert hook.batched_calls == inputs.num_inference_steps  # one batch-2 forward a step, really taken
+    assert np.abs(plain - batched).max() <= 1  # within 1/255
+    # Without CFG nothing is batched, and the outputs are the unbatched ones.
+    no_cfg = _inputs(true_cfg_scale=1.0)
+    before = hook.batched_calls
+    with_hook = _pixels(runner, no_cfg)
+    assert hook.batched_calls == before
+    BatchedCFG.uninstall(pipe)
+    assert np.abs(_pixels(runner, no_cfg) - with_hook).max() <= 1
+
+
+def test_pad_text_marks_padding() -> None:
+    import torch
+
+    embeds, mask = pad_text(torch.ones(2, 3, 4), None, 5)
+    assert embeds.shape == (2, 5, 4) and embeds[:, 3:].abs().sum() == 0
+    assert mask.tolist() == [[True, True, True, False, False]] * 2
+
+
+def test_attention_backend_falls_back_with_reason(tiny_models: dict[str, Path]) -> None:
+    pipe, runner = _load(tiny_models["edit"], "edit")
+    report = SpeedReport()
+    set_attention_backend(pipe.transformer, "_flash_3", report)  # no FlashAttention-3 on a CPU
+    assert "attention_backend" in report.skipped and "_flash_3" in report.skipped["attention_backend"]
+    report = SpeedReport()
+    set_attention_backend(pipe.transformer, "native", report)
+    assert report.applied == ["attention_backend=native"]
+    assert runner(_inputs()).images[0].size == (64, 64)
+
+
+def test_fp8_is_skipped_on_cpu_with_reason(tiny_models: dict[str, Path]) -> None:
+    pipe, _ = _load(tiny_models["edit"], "edit")
+    report = apply_speed(pipe, SpeedConfig(batched_cfg=False, fp8=True), "cpu")
+    assert "fp8" in report.skipped and "CUDA" in report.skipped["fp8"]
+
+
+def test_regional_compile_runs_on_cpu(tiny_models: dict[str, Path]) -> None:
+    pipe, runner = _load(tiny_models["edit"], "edit")
+    report = apply_speed(pipe, SpeedConfig(batched_cfg=True, compile=True), "cpu")
+    assert "compile=repeated_blocks" in report.applied and "batched_cfg" in report.applied
+    images = runner(_inputs(num_inference_steps=2)).images
+    assert images[0].size == (64, 64)
+    assert np.asarray(images[0]).std() > 0
+
+
+def test_step_cache_runs_or_says_why(tiny_models: dict[str, Path]) -> None:
+    pipe, runner = _load(tiny_models["edit"], "edit")
+    report = apply_speed(pipe, SpeedConfig(step_cache=True, step_cache_warmup_steps=1), "cpu")
+    if "step_cache" in report.skipped:
+        pytest.skip(f"cache-dit unusable here: {report.skipped['step_cache']}")
+    assert "step_cache=dbcache" in report.applied
+    assert "batched_cfg" in report.skipped  # the two do not stack
+    assert runner(_inputs(num_inference_steps=4)).images[0].size == (64, 64)

@@ -1,0 +1,145 @@
+"""S3 storage against a real S3-compatible server (moto's server mode on a loopback port), both
+directly and end to end through the real server and worker."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+from PIL import Image
+
+from server.settings import Settings
+from server.storage import StorageError
+from server.storage_factory import build_storage, file_url
+from server.storage_s3 import S3Storage, parse_s3_url
+from tests.conftest import ServerProc, data_uri, free_port, png_bytes
+
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in CREDS}
+    os.environ.update(CREDS)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> str:
+    name = f"qe-{os.urandom(4).hex()}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+def test_parse_s3_url() -> None:
+    assert parse_s3_url("s3://b") == ("b", "")
+    assert parse_s3_url("s3://b/some/prefix/") == ("b", "some/prefix/")
+    with pytest.raises(ValueError):
+        parse_s3_url("http://b/x")
+
+
+def test_put_get_exists_delete(s3_endpoint: str, bucket: str) -> None:
+    storage = S3Storage(f"s3://{bucket}/pre", endpoint_url=s3_endpoint)
+    key = "outputs/job1/0-abc.png"
+    data = png_bytes()
+    assert not storage.exists(key)
+    storage.put(key, data)
+    assert storage.exists(key) and storage.get(key) == data
+    assert storage.local_path(key) is None
+    # Under the prefix, with the content type guessed from the key.
+    raw = boto3.client("s3", endpoint_url=s3_endpoint).head_object(Bucket=bucket, Key=f"pre/{key}")
+    assert raw["ContentType"] == "image/png"
+    storage.delete(key)
+    assert not storage.exists(key)
+    with pytest.raises(FileNotFoundError):
+        storage.get(key)
+    with pytest.raises(FileNotFoundError):
+        storage.get("../escape")
+
+
+def test_presigned_url_is_fetchable(s3_endpoint: str, bucket: str) -> None:
+    settings = Settings(storage_url=f"s3://{bucket}", s3_endpoint_url=s3_endpoint, storage_presign=True)
+    storage = build_storage(settings)
+    assert isinstance(storage, S3Storage)
+    storage.put("outputs/j/0.png", b"\x89PNG-bytes")
+    url = file_url(storage, settings, "http://api.example", "outputs/j/0.png")
+    assert url.startswith(s3_endpoint) and "Signature" in url
+    r = httpx.get(url, timeout=10)
+    assert r.status_code == 200 and r.content == b"\x89PNG-bytes"
+    plain = Settings(storage_url=f"s3://{bucket}", s3_endpoint_url=s3_endpoint)
+    assert (
+        file_url(storage, plain, "http://api.example", "outputs/j/0.png") == "http://api.example/files/outputs/j/0.png"
+    )
+
+
+def test_missing_bucket_is_a_storage_error(s3_endpoint: str) -> None:
+    storage = S3Storage("s3://no-such-bucket-here", endpoint_url=s3_endpoint)
+    with pytest.raises(StorageError):
+        storage.put("outputs/x.png", b"x")
+
+
+def test_unknown_scheme_is_refused() -> None:
+    with pytest.raises(ValueError):
+        build_storage(Settings(storage_url="gs://bucket"))
+
+
+def _s3_env(endpoint: str, bucket: str, **extra: str) -> dict[str, str]:
+    return {**CREDS, "QWEN_EDIT_STORAGE_URL": f"s3://{bucket}/qe", "QWEN_EDIT_S3_ENDPOINT_URL": endpoint, **extra}
+
+
+def _edit(srv: ServerProc, fmt: str = "png") -> dict[str, Any]:
+    r = srv.submit({"prompt": "x", "image": data_uri(png_bytes()), "size": "256*256", "output_format": fmt})
+    assert r.status_code == 200, r.text
+    return srv.wait(r.json()["data"]["id"])
+
+
+def test_server_end_to_end_on_s3(make_server: Callable[..., ServerProc], s3_endpoint: str, bucket: str) -> None:
+    srv = make_server(**_s3_env(s3_endpoint, bucket))
+    # Uploads go to the bucket too, and a job can use one.
+    up = httpx.post(
+        f"{srv.url}/api/v3/media/upload/binary",
+        files={"file": ("in.png", png_bytes(), "image/png")},
+        headers=srv.headers,
+        timeout=30,
+    )
+    assert up.status_code == 200, up.text
+    download = up.json()["data"]["download_url"]
+    r = srv.submit({"prompt": "x", "image": download, "size": "256*256", "output_format": "png"})
+    done = srv.wait(r.json()["data"]["id"])
+    assert done["status"] == "completed", done
+    out = done["outputs"][0]
+    assert out.startswith(f"{srv.url}/files/outputs/")
+    img = httpx.get(out, timeout=10)
+    assert img.status_code == 200 and Image.open(io.BytesIO(img.content)).size == (256, 256)
+    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=bucket)["Contents"]}
+    assert "qe/" + out.split("/files/", 1)[1] in keys
+    assert any(k.startswith("qe/uploads/") for k in keys)
+    assert not (srv.data_dir / "files" / "outputs").exists()  # nothing written to the local disk
+
+
+def test_server_presigned_outputs(make_server: Callable[..., ServerProc], s3_endpoint: str, bucket: str) -> None:
+    srv = make_server(**_s3_env(s3_endpoint, bucket, QWEN_EDIT_STORAGE_PRESIGN="true"))
+    done = _edit(srv, "jpeg")
+    assert done["status"] == "completed", done
+    out = done["outputs"][0]
+    assert out.startswith(f"{s3_endpoint}/{bucket}/qe/outputs/") and "Signature" in out
+    img = httpx.get(out, timeout=10)
+    assert img.status_code == 200 and Image.open(io.BytesIO(img.content)).format == "JPEG"

@@ -1,0 +1,265 @@
+"""The job store on both databases it supports: SQLite (embedded) and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.errors import INTERNAL_ERROR
+from server.jobs.models import Job, Status
+from server.jobs.store import JobStore, new_id, now_ms
+from server.settings import Settings
+
+VARIANT = "edit"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+        s = JobStore(url, run_dir=tmp_path / "run")
+        s.migrate()
+        yield s
+        s.close()
+        return
+    pg_url = request.getfixturevalue("pg_url")
+    s = JobStore(Settings(database_url=pg_url).resolved_database_url, pool_size=12)
+    s.migrate()
+    yield s
+    s.close()
+
+
+def make_job(store: JobStore, *, priority: int = 0, created_at: int | None = None, max_attempts: int = 3) -> Job:
+    t = created_at if created_at is not None else now_ms()
+    job = Job(
+        id=new_id(),
+        model="wavespeed-ai/qwen-image/edit",
+        variant=VARIANT,
+        status=Status.CREATED,
+        input={"prompt": "x"},
+        params={"prompt": "x", "num_inference_steps": 2},
+        base_url="http://127.0.0.1",
+        output_format="png",
+        base64_output=False,
+        seed=1,
+        max_attempts=max_attempts,
+        created_at=t,
+        updated_at=t,
+        priority=priority,
+        progress_total=2,
+    )
+    store.create(job)
+    return job
+
+
+def expire_lease(store: JobStore, job_id: str) -> None:
+    """Push a running job's lease into the past, as if its worker had stopped renewing it."""
+    from sqlalchemy import update
+
+    from server.jobs.models import jobs
+
+    with store.engine.begin() as conn:
+        conn.execute(update(jobs).where(jobs.c.id == job_id).values(lease_expires_at=now_ms() - 1))
+
+
+def test_migrate_twice_is_harmless(store: JobStore) -> None:
+    store.migrate()
+    store.ping()
+    assert store.count_by_status() == {"created": 0, "processing": 0, "completed": 0, "failed": 0}
+
+
+def test_claim_order_priority_then_age(store: JobStore) -> None:
+    base = now_ms() - 10_000
+    old_low = make_job(store, priority=0, created_at=base)
+    new_high = make_job(store, priority=5, created_at=base + 2000)
+    old_high = make_job(store, priority=5, created_at=base + 1000)
+    new_low = make_job(store, priority=0, created_at=base + 3000)
+    order = [store.claim("w", [VARIANT], 30) for _ in range(4)]
+    assert [j.id for j in order if j] == [old_high.id, new_high.id, old_low.id, new_low.id]
+    assert store.claim("w", [VARIANT], 30) is None
+    first = order[0]
+    assert first is not None
+    assert first.status == Status.PROCESSING and first.attempts == 1 and first.lease_owner == "w"
+
+
+def test_claim_only_own_variant(store: JobStore) -> None:
+    make_job(store)
+    assert store.claim("w", ["edit-plus"], 30) is None
+    assert store.has_queued([VARIANT]) and not store.has_queued(["edit-plus"])
+
+
+def test_concurrent_claimers_take_each_job_once(store: JobStore) -> None:
+    n_jobs, n_threads = 60, 6
+    ids = {make_job(store).id for _ in range(n_jobs)}
+    claimed: list[str] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    start = threading.Barrier(n_threads)
+
+    def claimer(k: int) -> None:
+        try:
+            start.wait()
+            while True:
+                job = store.claim(f"w{k}", [VARIANT], 30)
+                if job is None:
+                    return
+                with lock:
+                    claimed.append(job.id)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claimer, args=(k,)) for k in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert sorted(claimed) == sorted(ids)  # every job once, none twice
+    assert store.count_by_status()["processing"] == n_jobs
+
+
+def test_lease_fencing_late_worker_cannot_finish(store: JobStore) -> None:
+    job = make_job(store)
+    first = store.claim("w1", [VARIANT], 30)
+    assert first is not None and first.lease_token
+    expire_lease(store, job.id)
+    assert store.reap() == 1
+    second = store.claim("w2", [VARIANT], 30)
+    assert second is not None and second.id == job.id and second.attempts == 2
+    assert second.lease_token != first.lease_token
+    # The first worker comes back: every write it makes matches no row.
+    assert not store.heartbeat(job.id, first.lease_token, 30).alive
+    assert not store.complete(job.id, first.lease_token, ["outputs/x/late.png"], 10)
+    assert not store.fail(job.id, first.lease_token, "late", 1500)
+    assert not store.release(job.id, first.lease_token)
+    assert second.lease_token and store.heartbeat(job.id, second.lease_token, 30).alive
+    assert store.complete(job.id, second.lease_token, ["outputs/x/ok.png"], 10)
+    done = store.get(job.id)
+    assert done is not None and done.status == Status.COMPLETED and done.outputs == ["outputs/x/ok.png"]
+    assert done.attempts == 2 and done.lease_token is None
+    # Finished is final.
+    assert not store.complete(job.id, second.lease_token, ["outputs/x/again.png"], 10)
+
+
+def test_reap_requeues_then_fails_at_the_attempts_cap(store: JobStore) -> None:
+    job = make_job(store, max_attempts=2)
+    live = make_job(store)
+    for attempt in (1, 2):
+        claimed = store.claim("w", [VARIANT], 30)
+        assert claimed is not None and claimed.id == job.id and claimed.attempts == attempt
+        expire_lease(store, job.id)
+        assert store.reap() == 1
+    failed = store.get(job.id)
+    assert failed is not None and failed.status == Status.FAILED
+    assert "stopped 2 times" in failed.error and failed.error_code == INTERNAL_ERROR
+    # A job whose lease is still fresh is left alone.
+    running = store.claim("w", [VARIANT], 30)
+    assert running is not None and running.id == live.id
+    assert store.reap() == 0
+    assert store.get(live.id).status == Status.PROCESSING  # type: ignore[union-attr]
+
+
+def test_release_hands_back_without_spending_an_attempt(store: JobStore) -> None:
+    job = make_job(store)
+    claimed = store.claim("w1", [VARIANT], 30)
+    assert claimed is not None and claimed.lease_token
+    assert store.release(job.id, claimed.lease_token)
+    back = store.get(job.id)
+    assert back is not None and back.status == Status.CREATED and back.attempts == 0 and back.lease_token is None
+    again = store.claim("w2", [VARIANT], 30)
+    assert again is not None and again.id == job.id and again.attempts == 1
+
+
+def test_release_owned_by_a_previous_life(store: JobStore) -> None:
+    job = make_job(store)
+    assert store.claim("host/0", [VARIANT], 30) is not None
+    assert store.release_owned_by("host/1") == 0
+    assert store.release_owned_by("host/0") == 1
+    back = store.get(job.id)
+    assert back is not None and back.status == Status.CREATED
+
+
+def test_cancel_queued_and_running(store: JobStore) -> None:
+    queued = make_job(store)
+    running = make_job(store, priority=1)
+    claimed = store.claim("w", [VARIANT], 30)
+    assert claimed is not None and claimed.id == running.id and claimed.lease_token
+    after = store.cancel(queued.id)
+    assert after is not None and after.status == Status.FAILED and after.error_code == 1403
+    asked = store.cancel(running.id)
+    assert asked is not None and asked.status == Status.PROCESSING and asked.cancel_requested
+    beat = store.heartbeat(running.id, claimed.lease_token, 30)
+    assert beat.alive and beat.cancel_requested
+    assert store.fail(running.id, claimed.lease_token, "Cancelled by the client while running.", 1403)
+    assert store.get(running.id).status == Status.FAILED  # type: ignore[union-attr]
+    assert store.cancel(new_id()) is None
+
+
+def test_webhook_outbox_claim_and_result(store: JobStore) -> None:
+    job = Job(**{**make_job(store).__dict__, "id": new_id(), "webhook_url": "http://127.0.0.1:9/hook"})
+    store.create(job)
+    claimed = store.claim("w", [VARIANT], 30)
+    while claimed is not None and claimed.id != job.id:
+        claimed = store.claim("w", [VARIANT], 30)
+    assert claimed is not None and claimed.lease_token
+    assert store.claim_webhooks(10, 30) == []  # nothing until the job ends
+    assert store.complete(job.id, claimed.lease_token, ["outputs/a.png"], 5)
+    tasks = store.claim_webhooks(10, 30)
+    assert [(t.job_id, t.url, t.attempts) for t in tasks] == [(job.id, "http://127.0.0.1:9/hook", 0)]
+    assert store.claim_webhooks(10, 30) == []  # leased: nobody else takes it
+    store.webhook_result(job.id, error="connection refused", retry_at=now_ms() - 1)
+    retry = store.claim_webhooks(10, 30)
+    assert [t.attempts for t in retry] == [1]
+    store.webhook_result(job.id, error=None, retry_at=None)
+    state = store.webhook_state(job.id)
+    assert state is not None and state["delivered_at"] is not None and state["attempts"] == 2
+    assert store.claim_webhooks(10, 30) == []
+
+
+def test_concurrent_webhook_claimers_split_the_outbox(store: JobStore) -> None:
+    ids = []
+    for _ in range(12):
+        job = Job(**{**make_job(store).__dict__, "id": new_id(), "webhook_url": "http://127.0.0.1:9/h"})
+        store.create(job)
+        ids.append(job.id)
+    while (c := store.claim("w", [VARIANT], 30)) is not None:
+        assert c.lease_token and store.complete(c.id, c.lease_token, [], 1)
+    got: list[str] = []
+    lock = threading.Lock()
+
+    def take() -> None:
+        for t in store.claim_webhooks(5, 30):
+            with lock:
+                got.append(t.job_id)
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(got) == len(set(got))
+    assert set(got) <= set(ids) and len(got) == 12
+
+
+def test_meta_value_first_writer_wins(store: JobStore) -> None:
+    values: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def read(k: int) -> None:
+        start.wait()
+        v = store.meta_value("secret", lambda: f"value-{k}-{time.monotonic_ns()}")
+        with lock:
+            values.append(v)
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(values) == 8 and len(set(values)) == 1
+    assert store.meta_value("secret", lambda: "other") == values[0]

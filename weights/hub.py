@@ -1,0 +1,93 @@
+"""Model folders from the Hugging Face Hub: download (resumable, only what the pipeline needs),
+verify (against the Hub's metadata when online, else the manifest written at download), list.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+from pipelines.registry import VARIANTS
+from weights.manifest import (
+    ALLOW_PATTERNS,
+    IGNORE_PATTERNS,
+    MANIFEST_NAME,
+    FileEntry,
+    VerifyReport,
+    verify_folder,
+    write_manifest,
+)
+
+DEFAULT_DIR = Path("weights")
+
+
+def default_folder(repo_id: str, weights_dir: Path = DEFAULT_DIR) -> Path:
+    return weights_dir / repo_id.split("/")[-1]
+
+
+def resolve_repo(name: str) -> str:
+    """A variant name (``edit-plus``) or a Hub id (``Qwen/Qwen-Image-Edit-2509``) to a Hub id."""
+    return VARIANTS[name].hub_repo if name in VARIANTS else name
+
+
+def wanted(name: str) -> bool:
+    def match(patterns: list[str]) -> bool:
+        return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+    return match(ALLOW_PATTERNS) and not match(IGNORE_PATTERNS)
+
+
+def hub_expected(repo_id: str, revision: str | None = None) -> dict[str, FileEntry]:
+    """Files the pipeline needs from ``repo_id``, with sizes and (for LFS files) sha256, from the Hub."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    out: dict[str, FileEntry] = {}
+    for sibling in info.siblings or []:
+        if not wanted(sibling.rfilename):
+            continue
+        sha = sibling.lfs.sha256 if sibling.lfs else None
+        out[sibling.rfilename] = FileEntry(size=int(sibling.size or 0), sha256=sha)
+    return out
+
+
+def download(repo_id: str, folder: Path, revision: str | None = None, max_workers: int = 8) -> Path:
+    """Fetch what the pipeline needs into ``folder`` (an interrupted download resumes), then write
+    the manifest that lets ``verify`` work offline."""
+    from huggingface_hub import snapshot_download
+
+    folder.mkdir(parents=True, exist_ok=True)
+    expected = hub_expected(repo_id, revision)
+    snapshot_download(
+        repo_id,
+        revision=revision,
+        local_dir=folder,
+        allow_patterns=ALLOW_PATTERNS,
+        ignore_patterns=IGNORE_PATTERNS,
+        max_workers=max_workers,
+    )
+    write_manifest(folder, expected, source=f"{repo_id}@{revision or 'main'}")
+    return folder
+
+
+def verify(folder: Path, repo_id: str | None = None, *, online: bool = False, hashes: bool = True) -> VerifyReport:
+    """Online with a repo: against the Hub's list. Otherwise: the manifest (or the structure)."""
+    expected = hub_expected(repo_id) if online and repo_id else None
+    return verify_folder(folder, expected, hashes=hashes)
+
+
+def list_folders(weights_dir: Path = DEFAULT_DIR) -> list[str]:
+    """One line per model folder under ``weights_dir``: name, pipeline class, size, manifest."""
+    lines: list[str] = []
+    if not weights_dir.is_dir():
+        return lines
+    for sub in sorted(p for p in weights_dir.iterdir() if p.is_dir()):
+        index = sub / "model_index.json"
+        if not index.is_file():
+            continue
+        cls = json.loads(index.read_text()).get("_class_name", "?")
+        size = sum(p.stat().st_size for p in sub.rglob("*") if p.is_file())
+        manifest = "manifest" if (sub / MANIFEST_NAME).is_file() else "no manifest"
+        lines.append(f"{sub.name}\t{cls}\t{size / 1e9:.2f} GB\t{manifest}")
+    return lines
