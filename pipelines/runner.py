@@ -43,6 +43,17 @@ class EditResult:
 # Called after each denoising step with (steps done, total); returning False cancels the run.
 StepCallback = Callable[[int, int], bool]
 
+# Edit resizes every input to about this many pixels before encoding it (fixed in diffusers).
+CONDITION_AREA = 1024 * 1024
+
+
+def condition_size(image: Image.Image) -> tuple[int, int]:
+    """The (width, height) the Edit pipeline resizes ``image`` to before encoding it."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+    width, height, _ = calculate_dimensions(CONDITION_AREA, image.size[0] / image.size[1])
+    return int(width), int(height)
+
 
 class EditRunner:
     def __init__(self, pipe: Any, variant: Variant, device: str, loras: LoraManager | None = None) -> None:
@@ -68,6 +79,77 @@ class EditRunner:
             raise ValueError("this worker does not load LoRAs")
         if len(inputs.loras) > 3:
             raise ValueError("at most 3 LoRAs")
+
+    def batch_signature(self, inputs: EditInputs) -> tuple[Any, ...] | None:
+        """Runs with equal signatures can share one pipeline call; None: this run must go alone.
+
+        Only the single-image Edit pipeline batches (the multi-image ones read a list of images as
+        one prompt's pictures), and only runs whose every tensor has the same shape: the same
+        output size, the same condition size (from the input's aspect ratio), steps and guidance.
+        """
+        if self.variant.multi_image or len(inputs.images) != 1 or inputs.num_images != 1 or inputs.loras:
+            return None
+        use_cfg = inputs.true_cfg_scale > 1.0 and inputs.negative_prompt is not None
+        return (
+            condition_size(inputs.images[0]),
+            inputs.width,
+            inputs.height,
+            inputs.num_inference_steps,
+            inputs.true_cfg_scale if use_cfg else 1.0,
+            inputs.negative_prompt if use_cfg else None,
+        )
+
+    def run_batch(self, batch: list[EditInputs], on_step: StepCallback | None = None) -> list[EditResult]:
+        """Run compatible edits as one pipeline call: each keeps its own prompt, image and seed.
+
+        Each input is resized to its condition size here, exactly as the pipeline resizes a lone
+        input, and draws its noise from its own generator, so a job's output does not depend on
+        its batch beyond floating-point rounding.
+        """
+        import torch
+
+        if len(batch) == 1:
+            return [self(batch[0], on_step)]
+        for inputs in batch:
+            self.check_inputs(inputs)
+        signature = self.batch_signature(batch[0])
+        if signature is None or any(self.batch_signature(inputs) != signature for inputs in batch[1:]):
+            raise ValueError("these runs cannot share one pipeline call")
+        first = batch[0]
+        cond_w, cond_h = signature[0]
+        images = [self.pipe.image_processor.resize(inputs.images[0], cond_h, cond_w) for inputs in batch]
+        use_cfg = signature[5] is not None
+        total = first.num_inference_steps
+        cancelled = False
+
+        def callback(pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            nonlocal cancelled
+            if on_step is not None and not on_step(step + 1, total) and not cancelled:
+                cancelled = True
+                pipe._interrupt = True
+            return kwargs
+
+        generators = [torch.Generator(device="cpu").manual_seed(inputs.seed) for inputs in batch]
+        if on_step is not None:
+            on_step(0, total)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = self.pipe(
+                image=images,
+                prompt=[inputs.prompt for inputs in batch],
+                negative_prompt=[first.negative_prompt] * len(batch) if use_cfg else None,
+                true_cfg_scale=first.true_cfg_scale if use_cfg else 1.0,
+                width=first.width,
+                height=first.height,
+                num_inference_steps=total,
+                generator=generators,
+                callback_on_step_end=callback,
+                output_type="pil",
+            )
+        seconds = time.perf_counter() - started
+        if cancelled:
+            raise RunCancelled()
+        return [EditResult(images=self._exact_size(first, [image]), seconds=seconds) for image in out.images]
 
     def __call__(self, inputs: EditInputs, on_step: StepCallback | None = None) -> EditResult:
         import torch
@@ -108,9 +190,12 @@ class EditRunner:
         seconds = time.perf_counter() - started
         if cancelled:
             raise RunCancelled()
-        images: list[Image.Image] = list(out.images)
-        if inputs.width and inputs.height:
-            # The pipeline rounds sizes down to multiples of 16; the client asked for exact pixels.
-            size = (inputs.width, inputs.height)
-            images = [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in images]
-        return EditResult(images=images, seconds=seconds)
+        return EditResult(images=self._exact_size(inputs, list(out.images)), seconds=seconds)
+
+    @staticmethod
+    def _exact_size(inputs: EditInputs, images: list[Image.Image]) -> list[Image.Image]:
+        if not (inputs.width and inputs.height):
+            return images
+        # The pipeline rounds sizes down to multiples of 16; the client asked for exact pixels.
+        size = (inputs.width, inputs.height)
+        return [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in images]

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     speed_step_cache: bool = False  # cache-dit DBCache: faster, slightly different images
     speed_step_cache_warmup_steps: int = Field(8, ge=0)
     speed_step_cache_threshold: float = Field(0.12, gt=0)
+    # Dynamic batching: a worker runs up to this many queued, compatible jobs (same variant, size,
+    # steps, guidance and condition size; no LoRAs) as one pipeline call. 1: one job per call.
+    batch_max_size: int = Field(1, ge=1, le=16)
+    # After claiming a batchable job, wait up to this long for compatible jobs to join it: the p50
+    # price paid for throughput. 0: batch only what is already queued.
+    batch_wait_ms: int = Field(0, ge=0, le=10_000)
 
     # --- runtime: variants, memory modes, LoRAs, presets -------------------------------------
     # The variants served, worker slot i serving variants[i % len] (one base model per worker).

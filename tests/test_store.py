@@ -33,7 +33,14 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
     s.close()
 
 
-def make_job(store: JobStore, *, priority: int = 0, created_at: int | None = None, max_attempts: int = 3) -> Job:
+def make_job(
+    store: JobStore,
+    *,
+    priority: int = 0,
+    created_at: int | None = None,
+    max_attempts: int = 3,
+    batch_key: str | None = None,
+) -> Job:
     t = created_at if created_at is not None else now_ms()
     job = Job(
         id=new_id(),
@@ -51,6 +58,7 @@ def make_job(store: JobStore, *, priority: int = 0, created_at: int | None = Non
         updated_at=t,
         priority=priority,
         progress_total=2,
+        batch_key=batch_key,
     )
     store.create(job)
     return job
@@ -90,6 +98,46 @@ def test_claim_only_own_variant(store: JobStore) -> None:
     make_job(store)
     assert store.claim("w", ["edit-plus"], 30) is None
     assert store.has_queued([VARIANT]) and not store.has_queued(["edit-plus"])
+
+
+def test_claim_compatible_takes_only_same_key_jobs_in_order(store: JobStore) -> None:
+    base = now_ms() - 10_000
+    first = make_job(store, batch_key="k1", created_at=base)
+    other = make_job(store, batch_key="k2", created_at=base + 1)
+    alone = make_job(store, created_at=base + 2)  # no key: never batched
+    late = make_job(store, batch_key="k1", created_at=base + 30)
+    urgent = make_job(store, batch_key="k1", created_at=base + 20, priority=5)
+    extra = make_job(store, batch_key="k1", created_at=base + 40)
+    claimed = store.claim("w", [VARIANT], 30)
+    assert claimed is not None and claimed.id == urgent.id and claimed.batch_key == "k1"
+    more = store.claim_compatible("w", "k1", 2, 30)
+    assert [j.id for j in more] == [first.id, late.id]
+    assert all(j.status == Status.PROCESSING and j.lease_owner == "w" and j.attempts == 1 for j in more)
+    assert store.claim_compatible("w", "k1", 0, 30) == []
+    assert [j.id for j in store.claim_compatible("w2", "k1", 5, 30)] == [extra.id]
+    assert store.claim_compatible("w", "k1", 5, 30) == []
+    queued = {j.id for j in (store.claim("w", [VARIANT], 30), store.claim("w", [VARIANT], 30)) if j}
+    assert queued == {other.id, alone.id}
+
+
+def test_concurrent_batch_claimers_take_each_job_once(store: JobStore) -> None:
+    ids = {make_job(store, batch_key="k").id for _ in range(40)}
+    claimed: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(4)
+
+    def claimer(k: int) -> None:
+        start.wait()
+        while batch := store.claim_compatible(f"w{k}", "k", 3, 30):
+            with lock:
+                claimed.extend(j.id for j in batch)
+
+    threads = [threading.Thread(target=claimer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(claimed) == sorted(ids)
 
 
 def test_concurrent_claimers_take_each_job_once(store: JobStore) -> None:

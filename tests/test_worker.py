@@ -24,11 +24,14 @@ from tests.conftest import ServerProc, data_uri, png_bytes, server_env
 
 
 def _mount_tmpfs(path: Path) -> str | None:
-    """Mount a 1 MiB tmpfs (a disk that fills up); None when mounting is not permitted."""
+    """Mount a small tmpfs (a disk that fills up); None when mounting is not permitted.
+
+    Roomy enough for the outputs of every test in this module before the full-disk test fills it.
+    """
     path.mkdir(parents=True, exist_ok=True)
     try:
         proc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True, text=True, timeout=20
+            ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(path)], capture_output=True, text=True, timeout=20
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"mount unavailable: {exc}"
@@ -125,9 +128,10 @@ def test_killed_worker_is_restarted_and_its_job_reclaimed(faulty: ServerProc) ->
 
 def _fill(path: Path) -> Path:
     filler = path / "filler.bin"
-    with open(filler, "wb") as fh, contextlib.suppress(OSError):
+    # Opening may itself fail with ENOSPC where the disk is already full: that is full enough.
+    with contextlib.suppress(OSError), open(filler, "wb") as fh:
         while True:
-            fh.write(b"\0" * 16384)
+            fh.write(b"\0" * 65536)
             fh.flush()
     return filler
 
@@ -150,7 +154,7 @@ def test_full_disk_fails_clearly_and_recovers(faulty: ServerProc, image_host: tu
         assert "No space left" in done["error"]
         assert httpx.get(faulty.url + "/readyz").status_code == 200
     finally:
-        filler.unlink()
+        filler.unlink(missing_ok=True)
     done = faulty.wait(submit(faulty, "x", base + "/disk.png"))
     assert done["status"] == "completed", done
 

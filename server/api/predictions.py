@@ -14,6 +14,7 @@ from pipelines.registry import VARIANTS, Endpoint, endpoint_for, endpoints_of
 from server.api.deps import Services, base_url, caller, services
 from server.api.examples import error_responses
 from server.api.schemas import EditRequest, PredictionEnvelope, envelope, iso_ms, parse_size
+from server.batching import batch_key
 from server.errors import TIMEOUT, BadRequest, NotFound, TooManyRequests
 from server.inputs import ImageLimits, to_reference
 from server.jobs.models import Job, Status
@@ -189,6 +190,7 @@ def _build_job(
         updated_at=now,
         webhook_url=webhook,
         api_key_id=key_id,
+        batch_key=batch_key(variant, params),
     )
 
 

@@ -56,6 +56,8 @@ jobs = Table(
     Column("inference_ms", Integer, nullable=False, default=0),
     Column("webhook_url", Text, nullable=True),
     Column("api_key_id", String(16), nullable=True),
+    # Jobs with equal keys may share one pipeline call (server/batching.py); NULL: never batched.
+    Column("batch_key", String(64), nullable=True),
     Column("created_at", BigInteger, nullable=False),
     Column("started_at", BigInteger, nullable=True),
     Column("finished_at", BigInteger, nullable=True),
@@ -63,6 +65,7 @@ jobs = Table(
     Index("ix_jobs_queue", "status", "variant", "priority", "created_at"),
     Index("ix_jobs_lease", "status", "lease_expires_at"),
     Index("ix_jobs_finished", "finished_at"),
+    Index("ix_jobs_batch", "status", "batch_key", "priority", "created_at"),
 )
 
 webhook_deliveries = Table(
@@ -131,6 +134,7 @@ class Job:
     inference_ms: int = 0
     webhook_url: str | None = None
     api_key_id: str | None = None
+    batch_key: str | None = None
     started_at: int | None = None
     finished_at: int | None = None
 

@@ -193,18 +193,32 @@ class JobStore:
     # --- jobs: the worker's side ---------------------------------------------------------
 
     def claim(self, worker_id: str, variants: Sequence[str], lease_s: float) -> Job | None:
+        """Lease the next queued job of ``variants`` (priority, then age)."""
+        queued = jobs.c.status == Status.CREATED, jobs.c.variant.in_(list(variants))
+        claimed = self._claim(worker_id, lease_s, 1, *queued)
+        return claimed[0] if claimed else None
+
+    def claim_compatible(self, worker_id: str, batch_key: str, limit: int, lease_s: float) -> list[Job]:
+        """Lease up to ``limit`` more queued jobs that may share a pipeline call (same batch key)."""
+        if limit < 1:
+            return []
+        return self._claim(worker_id, lease_s, limit, jobs.c.status == Status.CREATED, jobs.c.batch_key == batch_key)
+
+    def _claim(self, worker_id: str, lease_s: float, limit: int, *where: Any) -> list[Job]:
         now = now_ms()
-        oldest = (
+        # A CTE, not "id IN (subquery)": PostgreSQL may evaluate a LIMITed sub-select with
+        # SKIP LOCKED more than once inside the UPDATE, and then claims fewer rows than it may.
+        picked = (
             select(jobs.c.id)
-            .where(jobs.c.status == Status.CREATED, jobs.c.variant.in_(list(variants)))
+            .where(*where)
             .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
-            .limit(1)
+            .limit(limit)
             .with_for_update(skip_locked=True)
-            .scalar_subquery()
+            .cte("picked")
         )
         stmt = (
             update(jobs)
-            .where(jobs.c.id == oldest, jobs.c.status == Status.CREATED)
+            .where(jobs.c.id == picked.c.id, jobs.c.status == Status.CREATED)
             .values(
                 status=Status.PROCESSING,
                 attempts=jobs.c.attempts + 1,
@@ -218,8 +232,10 @@ class JobStore:
             .returning(*jobs.c)
         )
         with self.engine.begin() as conn:
-            row = conn.execute(stmt).first()
-        return Job.from_row(row) if row else None
+            rows = conn.execute(stmt).all()
+        claimed = [Job.from_row(row) for row in rows]
+        claimed.sort(key=lambda job: (-job.priority, job.created_at, job.id))
+        return claimed
 
     def has_queued(self, variants: Sequence[str]) -> bool:
         with self.engine.connect() as conn:
