@@ -89,7 +89,9 @@ def direct_ms(model: Path, jobs: int, steps: int, size: int) -> list[float]:
     return times
 
 
-def start_server(data: Path, model: Path, port: int, steps: int) -> subprocess.Popen[bytes]:
+def start_server(
+    data: Path, model: Path, port: int, steps: int, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "QWEN_EDIT_DATA_DIR": str(data),
@@ -99,6 +101,7 @@ def start_server(data: Path, model: Path, port: int, steps: int) -> subprocess.P
         "QWEN_EDIT_DEFAULT_STEPS": str(steps),
         "QWEN_EDIT_QUEUE_CAP": "100000",
         "QWEN_EDIT_LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
     }
     data.mkdir(parents=True, exist_ok=True)
     log = open(data / "server.log", "wb")  # noqa: SIM115 - owned by the process
@@ -122,6 +125,14 @@ def start_server(data: Path, model: Path, port: int, steps: int) -> subprocess.P
         time.sleep(0.3)
     proc.kill()
     raise RuntimeError("server not ready after 300 s")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def http_ms(url: str, mode: str, jobs: int, size: int, out: Path) -> dict[str, Any]:
@@ -252,11 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         poll_lat, poll_wall = asyncio.run(hammer(url, polls, args.clients))
         poll_single, _ = asyncio.run(hammer(url, polls[: max(50, n_req // 4)], 1))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
     d = percentiles(direct)
     rows_e2e: list[dict[str, Any]] = [{"path": "direct (in process)", **d, "overhead_ms": 0.0, "ratio": 1.0}]

@@ -91,7 +91,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from server.worker_main import run_worker
 
     _apply_overrides(args)
-    settings = Settings()
+    # A stand-alone worker picks its variant by slot, as the embedded ones do.
+    settings = Settings().for_slot(args.slot)
     configure_logging(settings.log_level, settings.log_json)
     worker_id = settings.worker_id or f"{socket.gethostname()}/{args.slot}"
     try:

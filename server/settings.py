@@ -163,6 +163,13 @@ class Settings(BaseSettings):
         variants = self.variants or [self.variant]
         return variants[slot % len(variants)]
 
+    def for_slot(self, slot: int) -> Settings:
+        """These settings as worker ``slot`` runs them: its variant (``variants``) and that variant's model."""
+        if not self.variants:
+            return self
+        variant = self.slot_variant(slot)
+        return self.model_copy(update={"variant": variant, "model": self.model_for(variant)})
+
     def model_for(self, variant: str) -> str | None:
         return self.models.get(variant) or (self.model if variant == self.variant else None)
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import structlog
 
@@ -36,6 +36,26 @@ def _die_with_parent() -> None:
         pass
 
 
+def worker_env(settings: Settings, slot: int, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of worker ``slot``: its GPU and its variant's model."""
+    env = dict(environ)
+    gpus = env.get("CUDA_VISIBLE_DEVICES")
+    if settings.embedded_workers > 1 and gpus is None:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot)  # one GPU per worker
+    elif settings.embedded_workers > 1 and gpus:
+        listed = [g.strip() for g in gpus.split(",") if g.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = listed[slot % len(listed)]
+    # Each slot serves one variant (Settings.variants), with that variant's model.
+    variant = settings.slot_variant(slot)
+    env["QWEN_EDIT_VARIANT"] = variant
+    model = settings.model_for(variant)
+    if model:
+        env["QWEN_EDIT_MODEL"] = model
+    else:
+        env.pop("QWEN_EDIT_MODEL", None)
+    return env
+
+
 class WorkerSupervisor:
     def __init__(self, settings: Settings, on_fatal: Callable[[str], None], drain_timeout_s: float = 600.0) -> None:
         self.settings = settings
@@ -49,21 +69,7 @@ class WorkerSupervisor:
         self._thread: threading.Thread | None = None
 
     def _spawn(self, slot: int) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
-        gpus = env.get("CUDA_VISIBLE_DEVICES")
-        if self.settings.embedded_workers > 1 and gpus is None:
-            env["CUDA_VISIBLE_DEVICES"] = str(slot)  # one GPU per worker
-        elif self.settings.embedded_workers > 1 and gpus:
-            listed = [g for g in gpus.split(",") if g.strip()]
-            env["CUDA_VISIBLE_DEVICES"] = listed[slot % len(listed)]
-        # Each slot serves one variant (Settings.variants), with that variant's model.
-        variant = self.settings.slot_variant(slot)
-        env["QWEN_EDIT_VARIANT"] = variant
-        model = self.settings.model_for(variant)
-        if model:
-            env["QWEN_EDIT_MODEL"] = model
-        else:
-            env.pop("QWEN_EDIT_MODEL", None)
+        env = worker_env(self.settings, slot, os.environ)
         cmd = [sys.executable, "-m", "server.cli", "worker", "--slot", str(slot)]
         proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
         log.info("worker started", slot=slot, pid=proc.pid)

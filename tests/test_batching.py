@@ -27,7 +27,9 @@ def runner(tiny_models: dict[str, Path]) -> EditRunner:
     import torch
 
     variant = get_variant("edit")
-    return EditRunner(load_pipeline(str(tiny_models["edit"]), variant, device="cpu", dtype=torch.float32), variant, "cpu")
+    return EditRunner(
+        load_pipeline(str(tiny_models["edit"]), variant, device="cpu", dtype=torch.float32), variant, "cpu"
+    )
 
 
 def _inputs(prompt: str, seed: int, color: tuple[int, int, int], size: tuple[int, int] = (80, 64)) -> EditInputs:
