@@ -7,7 +7,8 @@ Each is independent and reported: what was applied, and what was skipped and why
 - attention backend: diffusers' attention dispatcher (``transformer.set_attention_backend``);
 - regional ``torch.compile`` of the repeated transformer blocks, shapes marked dynamic;
 - fp8 dynamic-activation linear layers (torchao), on GPUs with fp8 tensor cores;
-- step caching (cache-dit's DBCache), a quality/speed trade-off, off by default.
+- step caching (cache-dit's DBCache), a quality/speed trade-off, off by default;
+- the condition cache (pipelines/cache.py): encodings of repeated input images reused, exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+
+from pipelines.cache import ConditionCache
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +36,7 @@ class SpeedConfig:
     step_cache: bool = False
     step_cache_warmup_steps: int = 8  # DBCache: full steps before caching starts
     step_cache_threshold: float = 0.12  # DBCache residual difference threshold
+    condition_cache: int = 16  # entries of the condition cache; 0: off
 
     @classmethod
     def from_settings(cls, settings: Any) -> SpeedConfig:
@@ -45,6 +49,7 @@ class SpeedConfig:
             step_cache=settings.speed_step_cache,
             step_cache_warmup_steps=settings.speed_step_cache_warmup_steps,
             step_cache_threshold=settings.speed_step_cache_threshold,
+            condition_cache=settings.speed_condition_cache,
         )
 
 
@@ -67,6 +72,10 @@ def apply_speed(pipe: Any, config: SpeedConfig, device: str) -> SpeedReport:
         quantize_fp8(pipe.transformer, device, report)
     if config.step_cache:
         enable_step_cache(pipe, config, report)
+    if config.condition_cache > 0:
+        # Before batched CFG, which then records the (possibly cached) encodings it is handed.
+        ConditionCache.install(pipe, config.condition_cache)
+        report.applied.append(f"condition_cache={config.condition_cache}")
     if config.batched_cfg:
         if "step_cache=dbcache" in report.applied:
             report.skip("batched_cfg", "step caching keeps separate cond/uncond caches; passes stay unbatched")

@@ -160,6 +160,8 @@ def server_env(data_dir: Path, model_dir: Path, **extra: str) -> dict[str, str]:
         "QWEN_EDIT_MODEL": str(model_dir),
         "QWEN_EDIT_API_KEYS": f"{API_KEY},test-key-2",
         "QWEN_EDIT_DEFAULT_STEPS": "2",
+        # Warm-up costs a full tiny edit per start; the shared session server keeps it on.
+        "QWEN_EDIT_WARMUP": "false",
         "QWEN_EDIT_LEASE_S": "5",
         "QWEN_EDIT_LOG_LEVEL": "INFO",
         # Test receivers and image hosts run on loopback: the SSRF guard must let them through.
@@ -186,11 +188,12 @@ def make_server(tmp_path: Path, tiny_models: dict[str, Path]) -> Iterator[Any]:
         srv.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> Iterator[ServerProc]:
-    """One shared server per test module (the embedded default: SQLite, local files, one worker)."""
+    """One server shared by the whole session (the embedded default: SQLite, local files, one worker,
+    warm-up on). Tests on it must not depend on what others left in its store."""
     data = tmp_path_factory.mktemp("server")
-    srv = ServerProc(data_dir=data, env=server_env(data, tiny_models["edit"])).start()
+    srv = ServerProc(data_dir=data, env=server_env(data, tiny_models["edit"], QWEN_EDIT_WARMUP="true")).start()
     yield srv
     srv.stop()
 

@@ -124,7 +124,7 @@ def test_overhead_quick(tiny_models: dict[str, Path], tmp_path: Path) -> None:
             "benchmarks.overhead",
             "--quick",
             "--jobs",
-            "2",
+            "1",
             "--requests",
             "60",
             "--store-jobs",
@@ -144,7 +144,7 @@ def test_overhead_quick(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     paths = [r["path"] for r in data["latency"]]
     assert paths == ["direct (in process)", "HTTP async + polling", "HTTP sync"]
     assert all(r["p50"] > 0 and r["ratio"] > 0 for r in data["latency"])
-    assert len(data["direct_ms"]) == 2
+    assert len(data["direct_ms"]) == 1
     assert [e["requests"] for e in data["endpoints"][:2]] == [60, 60]
     assert all(e["p99"] >= e["p50"] > 0 for e in data["endpoints"])
     assert set(data["goals"]) == {"overhead_ratio", "overhead_ms", "poll_p99_ms"}
@@ -169,3 +169,40 @@ def test_gpu_benchmark_tiny_on_cpu(tiny_models: dict[str, Path], tmp_path: Path)
         # true CFG: two transformer calls a step (ours answers the second from the batched forward)
         assert row["transformer_calls"] == row["passes"] == (4 if row["case"].startswith("50-step") else 2)
     assert "batched_cfg" in data["rows"][3]["runtime"]
+
+
+@pytest.mark.timeout(1800)
+def test_batching_benchmark_quick(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "benchmarks.batching",
+            "--jobs",
+            "2",
+            "--batch",
+            "2",
+            "--wait-ms",
+            "2000",
+            "--model",
+            str(tiny_models["edit"]),
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "batching" / "batching.json").read_text())
+    rows = data["rows"]
+    assert [r["path"] for r in rows] == [
+        "direct, one by one",
+        "direct, batches of 2",
+        "server, batching off",
+        "server, batch 2, wait 2000 ms",
+    ]
+    assert all(r["images_s"] > 0 for r in rows)
+    assert rows[3]["p50_ms"] > 0 and rows[3]["images_s_ratio"] > 0
+    assert "images/s" in proc.stdout  # the printed table

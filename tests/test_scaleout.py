@@ -2,9 +2,11 @@
 (`qwen-edit serve --workers 0`), then the faults a fleet meets: a worker killed mid-job, a worker
 told to stop, the database restarted, an API replica killed or stopped.
 
-Jobs run the real tiny diffusers pipeline. The number of jobs in the bulk test is
-QWEN_EDIT_TEST_SCALEOUT_JOBS (default 12: this 2-core machine runs ~1 job per 2.5-15 s, depending
-on its load; the issue's 200 runs with QWEN_EDIT_TEST_SCALEOUT_JOBS=200).
+Jobs run the real tiny diffusers pipeline, 200 of them in the bulk test (QWEN_EDIT_TEST_SCALEOUT_JOBS
+changes that). They are a seed sweep of one edit (one image, one prompt, one step, no CFG): the
+workers' condition caches spare them the 1 MP VAE and text-encoder passes after the first, and the
+workers batch compatible jobs, so the claims race in batches as well as one by one. What is tested
+is the queue, not the model: the CPU time a job costs is kept to the transformer's one step.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tests.cluster import Cluster, cluster_env
 from tests.conftest import ServerProc, data_uri, png_bytes
 from tests.pgutil import fresh_database, pg_available
 
-N_JOBS = int(os.environ.get("QWEN_EDIT_TEST_SCALEOUT_JOBS", "12"))
+N_JOBS = int(os.environ.get("QWEN_EDIT_TEST_SCALEOUT_JOBS", "200"))
 IMAGE = data_uri(png_bytes((64, 64)))
 
 pytestmark = pytest.mark.skipif(not pg_available(), reason="no PostgreSQL on 127.0.0.1:5432")
@@ -44,6 +46,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Pat
             url,
             QWEN_EDIT_LEASE_S="3",
             QWEN_EDIT_WORKER_DRAIN_S="120",
+            QWEN_EDIT_BATCH_MAX_SIZE="4",
             OMP_NUM_THREADS="1",
         )
         c = Cluster(root, env)
@@ -87,9 +90,12 @@ def worker_of(cluster: Cluster, job: Job) -> Any:
 
 def test_jobs_run_exactly_once_across_replicas(cluster: Cluster, store: JobStore) -> None:
     a, b = cluster.apis
-    ids = [submit((a, b)[i % 2]) for i in range(N_JOBS)]
+    ids = [
+        submit((a, b)[i % 2], prompt="sweep", seed=i, true_cfg_scale=1.0, num_inference_steps=1) for i in range(N_JOBS)
+    ]
+    deadline = time.monotonic() + 120 + 5 * N_JOBS
     for pid in ids:
-        assert a.wait(pid, timeout=60 + 20 * N_JOBS)["status"] == "completed"
+        assert a.wait(pid, timeout=max(1.0, deadline - time.monotonic()))["status"] == "completed"
     done = cluster.completions()
     for pid in ids:
         job = store.get(pid)
