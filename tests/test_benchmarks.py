@@ -142,9 +142,18 @@ def test_overhead_quick(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "overhead.json").read_text())
     paths = [r["path"] for r in data["latency"]]
-    assert paths == ["direct (in process)", "HTTP async + polling", "HTTP sync"]
+    assert paths == ["direct (in process)", "HTTP async + polling every 10 ms", "HTTP sync"]
     assert all(r["p50"] > 0 and r["ratio"] > 0 for r in data["latency"])
     assert len(data["direct_ms"]) == 1
+    assert [len(data["http_jobs"][p]) for p in ("sync", "async")] == [1, 1]
+    # What the server adds, paired per job: end-to-end minus the job's own pipeline call.
+    for row in data["added"]:
+        job = data["http_jobs"]["async" if "async" in row["path"] else "sync"][0]
+        assert row["p50"] == pytest.approx(job["e2e_ms"] - job["inference_ms"])
+        assert 0 < row["p50"] < job["e2e_ms"] and job["inference_ms"] > 0
+    # Inside the server, from the job rows: every part of both paths, none negative.
+    parts = {(r["path"], r["part"]) for r in data["server_breakdown"]}
+    assert len(parts) == 6 and all(r["p50"] >= 0 for r in data["server_breakdown"])
     assert [e["requests"] for e in data["endpoints"][:2]] == [60, 60]
     assert all(e["p99"] >= e["p50"] > 0 for e in data["endpoints"])
     assert set(data["goals"]) == {"overhead_ratio", "overhead_ms", "poll_p99_ms"}

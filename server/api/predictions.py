@@ -73,6 +73,14 @@ def prediction_data(job: Job, svc: Services, base: str, *, with_input: bool = Fa
     return data
 
 
+async def render(job: Job, svc: Services, base: str) -> dict[str, Any]:
+    """``prediction_data`` from the event loop: in a worker thread only where it does I/O (inline
+    base64 outputs read from storage, presigned links from the object store)."""
+    if job.status == Status.COMPLETED and (job.base64_output or svc.settings.storage_presign):
+        return await run_in_threadpool(prediction_data, job, svc, base)
+    return prediction_data(job, svc, base)
+
+
 def _resolve_endpoint(model: str, svc: Services) -> Endpoint:
     endpoint = endpoint_for(model)
     if endpoint is None:
@@ -200,11 +208,18 @@ async def create_job(
     """Validate, build and store one job: what every front door (v3, OpenAI-compatible) shares."""
     endpoint = _resolve_endpoint(model, svc)
     svc.rate_limiter.check(key_id)
-    await run_in_threadpool(check_concurrency, svc.store, key_id, svc.settings.max_jobs_per_key)
-    if await run_in_threadpool(svc.store.queued_count) >= svc.settings.queue_cap:
-        raise TooManyRequests("The queue is full; retry later.", retry_after_s=5)
-    job = await run_in_threadpool(_build_job, body, endpoint, request, svc, key_id, webhook)
-    await run_in_threadpool(svc.store.create, job)
+
+    def admit() -> Job:
+        # One trip to a worker thread for the whole admission: the cheap checks first, then the
+        # image decoding and storing, then the row.
+        check_concurrency(svc.store, key_id, svc.settings.max_jobs_per_key)
+        if svc.store.queued_count() >= svc.settings.queue_cap:
+            raise TooManyRequests("The queue is full; retry later.", retry_after_s=5)
+        job = _build_job(body, endpoint, request, svc, key_id, webhook)
+        svc.store.create(job)
+        return job
+
+    job = await run_in_threadpool(admit)
     log.info("prediction created", prediction_id=job.id, model=job.model, sync=body.enable_sync_mode)
     return job
 
@@ -221,7 +236,7 @@ async def _submit(
         current = await run_in_threadpool(svc.store.get, job.id)
         assert current is not None
         if not finished or not current.status.terminal:
-            data = prediction_data(current, svc, base)
+            data = await render(current, svc, base)
             data.update(
                 status=Status.PROCESSING.value,
                 code=TIMEOUT,
@@ -229,8 +244,8 @@ async def _submit(
                 "The prediction is still processing asynchronously.",
             )
             return envelope(data)
-        return envelope(await run_in_threadpool(prediction_data, current, svc, base))
-    return envelope(prediction_data(job, svc, base))
+        return envelope(await render(current, svc, base))
+    return envelope(await render(job, svc, base))
 
 
 def _make_submit_route(model: str):  # type: ignore[no-untyped-def]
@@ -270,8 +285,7 @@ async def _result(prediction_id: str, request: Request, svc: Services) -> dict[s
     job = await run_in_threadpool(svc.store.get, prediction_id)
     if job is None:
         raise NotFound(f"Prediction {prediction_id!r} not found.")
-    data = await run_in_threadpool(prediction_data, job, svc, base_url(request, svc.settings))
-    return envelope(data)
+    return envelope(await render(job, svc, base_url(request, svc.settings)))
 
 
 @router.get(
@@ -327,4 +341,4 @@ async def cancel(
     if job is None:
         raise NotFound(f"Prediction {prediction_id!r} not found.")
     log.info("prediction cancel requested", prediction_id=prediction_id, status=job.status.value)
-    return envelope(await run_in_threadpool(prediction_data, job, svc, base_url(request, svc.settings)))
+    return envelope(await render(job, svc, base_url(request, svc.settings)))
