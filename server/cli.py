@@ -7,9 +7,14 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
+
+if TYPE_CHECKING:
+    from server.settings import Settings
 
 log = structlog.get_logger("qwen_edit")
 
@@ -91,6 +96,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from server.worker_main import run_worker
 
     _apply_overrides(args)
+    if args.workers is not None:
+        return _supervise_workers(Settings(), args.workers)
     # A stand-alone worker picks its variant by slot, as the embedded ones do.
     settings = Settings().for_slot(args.slot)
     configure_logging(settings.log_level, settings.log_json)
@@ -100,6 +107,36 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(f"qwen-edit worker: cannot load the model: {exc}", file=sys.stderr)
         return EXIT_LOAD_FAILED
+
+
+def _supervise_workers(settings: Settings, count: int) -> int:
+    """``qwen-edit worker --workers N``: N workers on this machine (one per GPU, slots 0..N-1),
+    restarted if they die, drained on SIGTERM; what ``serve`` does beside its API, without the API."""
+    from server.logs import configure_logging
+    from server.supervisor import WorkerSupervisor
+
+    configure_logging(settings.log_level, settings.log_json)
+    settings = settings.model_copy(update={"embedded_workers": count})
+    stop = threading.Event()
+    fatal: list[str] = []
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        log.error("stopping the workers", reason=reason)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    supervisor = WorkerSupervisor(settings, on_fatal)
+    supervisor.start()
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping: draining workers", workers=count)
+    supervisor.stop()
+    if fatal:
+        print(f"qwen-edit worker: {fatal[0]}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_weights_tiny(args: argparse.Namespace) -> int:
@@ -163,9 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-auth", action="store_true", help="accept requests without an API key (local use)")
     serve.set_defaults(func=cmd_serve)
 
-    worker = sub.add_parser("worker", help="run one worker (no API)")
+    worker = sub.add_parser("worker", help="run a worker (no API); --workers N: one per GPU, supervised")
     common(worker)
     worker.add_argument("--slot", type=int, default=0, help="this machine's worker number (its stable id)")
+    worker.add_argument(
+        "--workers",
+        type=int,
+        choices=range(1, 65),
+        metavar="N",
+        help="run N supervised workers (slots 0..N-1, one GPU each) instead of one",
+    )
     worker.set_defaults(func=cmd_worker)
 
     weights = sub.add_parser("weights", help="model folders")

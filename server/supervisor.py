@@ -45,6 +45,10 @@ def worker_env(settings: Settings, slot: int, environ: Mapping[str, str]) -> dic
     elif settings.embedded_workers > 1 and gpus:
         listed = [g.strip() for g in gpus.split(",") if g.strip()]
         env["CUDA_VISIBLE_DEVICES"] = listed[slot % len(listed)]
+    # A configured worker id names the machine's GPU slots; each slot needs its own, or one slot's
+    # restart would requeue the jobs its siblings are running.
+    if settings.worker_id and settings.embedded_workers > 1:
+        env["QWEN_EDIT_WORKER_ID"] = f"{settings.worker_id}/{slot}"
     # Each slot serves one variant (Settings.variants), with that variant's model.
     variant = settings.slot_variant(slot)
     env["QWEN_EDIT_VARIANT"] = variant

@@ -80,6 +80,45 @@ def test_migrate_twice_is_harmless(store: JobStore) -> None:
     assert store.count_by_status() == {"created": 0, "processing": 0, "completed": 0, "failed": 0}
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_many_processes_migrating_a_new_database_at_once(backend: str, tmp_path: Path) -> None:
+    """Replicas and workers start together on an empty database: one creates the schema, the
+    others wait for its commit and find it there (none fails with "table already exists")."""
+    from tests.pgutil import fresh_database
+
+    def race(url: str) -> None:
+        stores = [JobStore(url, pool_size=1) for _ in range(4)]
+        start = threading.Barrier(len(stores))
+        errors: list[BaseException] = []
+
+        def migrate(s: JobStore) -> None:
+            start.wait()
+            try:
+                s.migrate()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=migrate, args=(s,)) for s in stores]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        try:
+            assert not any(t.is_alive() for t in threads), "a migration hung"
+            assert not errors, errors
+            assert stores[0].count_by_status()["created"] == 0
+        finally:
+            for s in stores:
+                s.close()
+
+    for attempt in range(3):  # a race: give it more than one chance to show
+        if backend == "sqlite":
+            race(f"sqlite:///{tmp_path / f'race{attempt}.db'}")
+        else:
+            with fresh_database() as url:
+                race(Settings(database_url=url).resolved_database_url)
+
+
 def test_claim_order_priority_then_age(store: JobStore) -> None:
     base = now_ms() - 10_000
     old_low = make_job(store, priority=0, created_at=base)

@@ -1,10 +1,21 @@
-"""server/supervisor.py's per-slot worker environment, and Settings.for_slot for stand-alone workers:
-one GPU per worker (CUDA_VISIBLE_DEVICES) and one variant per slot, whichever way a worker starts."""
+"""server/supervisor.py's per-slot worker environment, Settings.for_slot for stand-alone workers,
+and `qwen-edit worker --workers N`: one GPU per worker (CUDA_VISIBLE_DEVICES), one variant and one
+stable id per slot, whichever way a worker starts."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from server.jobs.models import WorkerInfo
+from server.jobs.store import JobStore
 from server.settings import Settings
 from server.supervisor import worker_env
+from tests.conftest import ROOT, server_env
 
 
 def test_one_gpu_per_worker_slot() -> None:
@@ -44,3 +55,66 @@ def test_stand_alone_worker_takes_its_variant_by_slot() -> None:
     assert settings.for_slot(3).variant == "edit-plus"
     plain = Settings(variant="edit-2511")
     assert plain.for_slot(5) is plain  # no variants list: the worker serves `variant`
+
+
+def test_configured_worker_id_is_made_per_slot() -> None:
+    several = Settings(embedded_workers=2, worker_id="gpu-host")
+    assert [worker_env(several, slot, {})["QWEN_EDIT_WORKER_ID"] for slot in range(2)] == ["gpu-host/0", "gpu-host/1"]
+    assert "QWEN_EDIT_WORKER_ID" not in worker_env(Settings(embedded_workers=1, worker_id="gpu-host"), 0, {})
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_worker_command_supervises_one_worker_per_gpu(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """`qwen-edit worker --workers 2`: two slot workers, one GPU and one stable id each, both ready
+    in the job store; a worker that dies is restarted; SIGTERM drains them and exits 0."""
+    env = {
+        **server_env(tmp_path, tiny_models["edit"]),
+        "QWEN_EDIT_WORKER_ID": "host-a",
+        "QWEN_EDIT_WARMUP": "false",
+        "QWEN_EDIT_LOG_JSON": "true",
+    }
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "worker", "--workers", "2"],
+        cwd=ROOT,
+        env={k: v for k, v in {**os.environ, **env}.items() if k != "CUDA_VISIBLE_DEVICES"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    store = JobStore(Settings(data_dir=tmp_path).resolved_database_url)
+    store.migrate()  # alongside the workers' own migrations, as a replica starting with them would
+    try:
+
+        def ready() -> dict[str, WorkerInfo]:
+            return {w.id: w for w in store.list_workers() if w.state == "ready"}
+
+        deadline = time.monotonic() + 180
+        while set(ready()) != {"host-a/0", "host-a/1"}:
+            assert proc.poll() is None and time.monotonic() < deadline, store.list_workers()
+            time.sleep(0.3)
+        children = _children(proc.pid)
+        assert len(children) == 2
+        assert sorted(_environ(pid)["CUDA_VISIBLE_DEVICES"] for pid in children) == ["0", "1"]
+        # A worker that dies is started again, under the same slot and id.
+        first = ready()["host-a/0"].pid
+        os.kill(first, signal.SIGKILL)
+        while ready().get("host-a/0") is None or ready()["host-a/0"].pid == first:
+            assert proc.poll() is None and time.monotonic() < deadline + 120
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+        assert {w.id: w.state for w in store.list_workers()} == {"host-a/0": "stopped", "host-a/1": "stopped"}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        store.close()

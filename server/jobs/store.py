@@ -101,12 +101,12 @@ class JobStore:
 
     @contextlib.contextmanager
     def _migration_lock(self, conn: Connection) -> Iterator[None]:
+        """One migrator at a time, held until its migration is committed: the next one then reads
+        the new schema version instead of racing to create the same tables."""
         if self.is_postgres:
-            conn.execute(text("SELECT pg_advisory_lock(727001)"))
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(727001)"))
+            # A transaction-level lock: released by the commit (or the rollback), never before.
+            conn.execute(text("SELECT pg_advisory_xact_lock(727001)"))
+            yield
         elif self.is_sqlite and self.url.database and self.url.database != ":memory:":
             with open(Path(self.url.database).with_suffix(".migrate.lock"), "w") as fh:
                 fcntl.flock(fh, fcntl.LOCK_EX)
@@ -121,10 +121,9 @@ class JobStore:
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
-        with self.engine.connect() as conn:
-            with self._migration_lock(conn):
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
+        with self.engine.connect() as conn, self._migration_lock(conn):
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
             conn.commit()
 
     def ping(self) -> None:
