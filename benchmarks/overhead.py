@@ -88,32 +88,32 @@ def direct_runner(model: Path, steps: int, size: int) -> Callable[[int], float]:
     return run
 
 
-async def http_job(url: str, mode: str, seed: int, size: int, poll_s: float) -> bench_client.JobTiming:
-    """One job through HTTP, as benchmarks/client.py runs it (async: submit, then poll every ``poll_s``)."""
-    args = bench_client.build_parser().parse_args(
-        ["--url", url, "--mode", mode, "--size", f"{size}*{size}", "--poll-interval", str(poll_s), "--prompt", PROMPT]
-    )
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        timing = await bench_client.run_job(client, args, 1, seed)
-    if timing.status != "completed":
-        raise RuntimeError(f"{mode} job {seed}: {timing.status} {timing.error}")
-    return timing
-
-
 def interleaved(
     direct: Callable[[int], float], url: str, jobs: int, size: int, poll_s: float
 ) -> tuple[list[float], dict[str, list[bench_client.JobTiming]]]:
     """``jobs`` rounds of one direct call, one sync and one async job, in an order that rotates each
-    round: the machine's drift (other load, clocks) falls on all three paths alike."""
+    round: the machine's drift (other load, clocks) falls on all three paths alike. The HTTP jobs
+    run as benchmarks/client.py runs them, on one kept-alive connection, as an SDK client would."""
     paths = ["direct", "sync", "async"]
     direct_ms: list[float] = []
     http: dict[str, list[bench_client.JobTiming]] = {"sync": [], "async": []}
-    for i in range(jobs):
-        for path in paths[i % 3 :] + paths[: i % 3]:
-            if path == "direct":
-                direct_ms.append(direct(i + 1))
-            else:
-                http[path].append(asyncio.run(http_job(url, path, i + 1, size, poll_s)))
+    parser = bench_client.build_parser()
+    common = ["--url", url, "--size", f"{size}*{size}", "--poll-interval", str(poll_s), "--prompt", PROMPT]
+    modes = {mode: parser.parse_args([*common, "--mode", mode]) for mode in http}
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            for i in range(jobs):
+                for path in paths[i % 3 :] + paths[: i % 3]:
+                    if path == "direct":
+                        direct_ms.append(direct(i + 1))  # blocks the loop: nothing else is running
+                        continue
+                    timing = await bench_client.run_job(client, modes[path], 1, i + 1)
+                    if timing.status != "completed":
+                        raise RuntimeError(f"{path} job {i + 1}: {timing.status} {timing.error}")
+                    http[path].append(timing)
+
+    asyncio.run(run())
     return direct_ms, http
 
 

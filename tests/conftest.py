@@ -240,6 +240,9 @@ def pg_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def tiny_family(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny model folders of all three variants (edit reused from ``tiny_models``)."""
+    """Tiny model folders of all three variants (edit reused from ``tiny_models``). Built in this
+    process (the CLI is exercised by ``tiny_models``): each CLI run imports diffusers afresh."""
+    from weights.tiny import build_tiny_model
+
     root = tmp_path_factory.mktemp("tiny-family")
-    return {"edit": tiny_models["edit"]} | {v: build_tiny(root / v, v) for v in ("edit-plus", "edit-2511")}
+    return {"edit": tiny_models["edit"]} | {v: build_tiny_model(root / v, v) for v in ("edit-plus", "edit-2511")}

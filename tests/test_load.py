@@ -1,4 +1,4 @@
-"""A bounded load test (benchmarks/load_test.py, 15 s) on loopback against a real server with a
+"""A bounded load test (benchmarks/load_test.py, 10 s) on loopback against a real server with a
 small queue cap: 429s appear at the cap, nothing accepted is lost, result polls keep answering.
 The poll p99 is printed, not asserted (no timing thresholds in tests)."""
 
@@ -12,7 +12,7 @@ from tests.conftest import API_KEY
 
 def test_load_queue_cap_and_polls(make_server: object) -> None:
     srv = make_server(QWEN_EDIT_QUEUE_CAP="4")  # type: ignore[operator]
-    tally, missing = asyncio.run(run(srv.url, API_KEY, seconds=15, submitters=6, pollers=3))
+    tally, missing = asyncio.run(run(srv.url, API_KEY, seconds=10, submitters=6, pollers=3))
     print("\nload test:", report(tally, missing))
     assert tally.accepted, "nothing accepted"
     assert tally.limited > 0, "the queue cap never answered 429"

@@ -3,8 +3,6 @@ setting either runs on the CPU or is skipped with its reason."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +14,6 @@ from pipelines.loader import load_pipeline
 from pipelines.registry import get_variant
 from pipelines.runner import EditInputs, EditRunner
 from pipelines.speed import BatchedCFG, SpeedConfig, SpeedReport, apply_speed, pad_text, set_attention_backend
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load(folder: Path, variant: str) -> tuple[Any, EditRunner]:
@@ -47,15 +43,8 @@ def _pixels(runner: EditRunner, inputs: EditInputs) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def tiny_plus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-plus") / "edit-plus"
-    subprocess.run(
-        [sys.executable, "-m", "server.cli", "weights", "tiny", str(folder), "--variant", "edit-plus"],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-    )
-    return folder
+def tiny_plus(tiny_family: dict[str, Path]) -> Path:
+    return tiny_family["edit-plus"]
 
 
 @pytest.mark.parametrize("variant", ["edit", "edit-plus"])

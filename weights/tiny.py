@@ -145,9 +145,11 @@ def build_tiny_pipeline(variant: str | Variant = "edit", seed: int = 0):  # type
     torch.manual_seed(seed)
     z_dim = 4
     # The real VAE's geometry (8x spatial downsampling, so the pipeline's sizes and token counts
-    # match the real model's) at a small width: the encoder still sees the ~1 MP resize.
+    # match the real model's) at a small width: the encoder still sees the ~1 MP resize, and on a
+    # CPU its full-resolution layers are most of a tiny edit: two channels there (not eight) run a
+    # whole tiny edit 1.5x faster, through the same code.
     vae = AutoencoderKLQwenImage(
-        base_dim=8,
+        base_dim=2,
         z_dim=z_dim,
         dim_mult=[1, 2, 4, 4],
         num_res_blocks=1,

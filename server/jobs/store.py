@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -55,9 +56,20 @@ class WebhookTask:
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
+    # Switching a new database to WAL takes an exclusive lock, and SQLite answers a second process
+    # racing to switch it (an API and its worker starting together) with "database is locked" at
+    # once, without its busy wait. The switch is persistent and quick: retry until it is done.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
 
 
