@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, ServerProc
 
+from benchmarks import batching, gpu, overhead
+
 PY = sys.executable
 
 
@@ -116,30 +118,12 @@ def test_client_reports_rejected_jobs(server: ServerProc, tmp_path: Path) -> Non
 
 
 @pytest.mark.timeout(1800)  # a shared 2-core CPU: the tiny model's 1 MP VAE pass is slow
-def test_overhead_quick(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            PY,
-            "-m",
-            "benchmarks.overhead",
-            "--quick",
-            "--jobs",
-            "1",
-            "--requests",
-            "60",
-            "--store-jobs",
-            "100",
-            "--model",
-            str(tiny_models["edit"]),
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_overhead_quick(tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Each benchmark's main runs in this process, as `python -m benchmarks.X` would run it: the
+    # direct pipeline calls reuse this process's imports (a fresh one spends ~12 s importing).
+    args = ["--quick", "--jobs", "1", "--requests", "60", "--store-jobs", "100"]
+    assert overhead.main([*args, "--model", str(tiny_models["edit"]), "--out", str(tmp_path)]) == 0
+    assert "ratio (p50)" in capsys.readouterr().out  # the printed tables
     data = json.loads((tmp_path / "overhead.json").read_text())
     paths = [r["path"] for r in data["latency"]]
     assert paths == ["direct (in process)", "HTTP async + polling every 10 ms", "HTTP sync"]
@@ -163,14 +147,7 @@ def test_overhead_quick(tiny_models: dict[str, Path], tmp_path: Path) -> None:
 
 @pytest.mark.timeout(1800)
 def test_gpu_benchmark_tiny_on_cpu(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [PY, "-m", "benchmarks.gpu", "--tiny", "--model", str(tiny_models["edit"]), "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert gpu.main(["--tiny", "--model", str(tiny_models["edit"]), "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gpu.json").read_text())
     assert len(data["rows"]) == 6
     for row in data["rows"]:
@@ -181,29 +158,12 @@ def test_gpu_benchmark_tiny_on_cpu(tiny_models: dict[str, Path], tmp_path: Path)
 
 
 @pytest.mark.timeout(1800)
-def test_batching_benchmark_quick(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            PY,
-            "-m",
-            "benchmarks.batching",
-            "--jobs",
-            "2",
-            "--batch",
-            "2",
-            "--wait-ms",
-            "2000",
-            "--model",
-            str(tiny_models["edit"]),
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_batching_benchmark_quick(
+    tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--jobs", "2", "--batch", "2", "--wait-ms", "2000"]
+    assert batching.main([*args, "--model", str(tiny_models["edit"]), "--out", str(tmp_path)]) == 0
+    stdout = capsys.readouterr().out
     data = json.loads((tmp_path / "batching" / "batching.json").read_text())
     rows = data["rows"]
     assert [r["path"] for r in rows] == [
@@ -214,4 +174,4 @@ def test_batching_benchmark_quick(tiny_models: dict[str, Path], tmp_path: Path) 
     ]
     assert all(r["images_s"] > 0 for r in rows)
     assert rows[3]["p50_ms"] > 0 and rows[3]["images_s_ratio"] > 0
-    assert "images/s" in proc.stdout  # the printed table
+    assert "images/s" in stdout  # the printed table

@@ -17,8 +17,8 @@ def _cancel(srv: Any, pid: str) -> dict[str, Any]:
     return data
 
 
-def test_cancel_queued_and_running_jobs_with_progress(make_server: Any) -> None:
-    srv = make_server(QWEN_EDIT_WARMUP="false")
+def test_cancel_queued_and_running_jobs_with_progress(server: Any) -> None:
+    srv = server  # the session's server: its one worker is idle between tests, which wait for their jobs
     body = {"prompt": "slow", "image": data_uri(png_bytes()), "size": "256*256", "num_inference_steps": 30}
     running = srv.submit(body).json()["data"]["id"]
     queued = srv.submit(body).json()["data"]["id"]
