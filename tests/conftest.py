@@ -98,18 +98,26 @@ class ServerProc:
         return self
 
     def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until ``/readyz`` answers 200: the API is up and its workers have loaded the model."""
+        self._wait_for("/readyz", timeout)
+
+    def wait_live(self, timeout: float = 60.0) -> None:
+        """Until ``/livez`` answers 200: the API serves, whether or not a worker is ready yet."""
+        self._wait_for("/livez", timeout)
+
+    def _wait_for(self, path: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
+            time.sleep(0.1)
+        raise RuntimeError(f"{path} not 200 after {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:] if self.log_path and self.log_path.exists() else ""

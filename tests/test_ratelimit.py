@@ -19,16 +19,8 @@ BODY = {"prompt": "x", "image": data_uri(png_bytes()), "size": "256*256"}
 
 def wait_live(srv: ServerProc) -> ServerProc:
     srv.start(wait_ready=False)
-    for _ in range(300):
-        try:
-            if httpx.get(srv.url + "/livez", timeout=2).status_code == 200:
-                return srv
-        except httpx.HTTPError:
-            pass
-        import time
-
-        time.sleep(0.1)
-    raise RuntimeError(srv.log())
+    srv.wait_live(timeout=30)
+    return srv
 
 
 @pytest.fixture(scope="module")

@@ -45,15 +45,7 @@ def test_sync_timeout_then_kill_mid_run_and_restart(make_server) -> None:  # typ
     # Same data folder: a new server process on the same job store.
     again = ServerProc(data_dir=srv.data_dir, env=srv.env, port=srv.port).start(wait_ready=False)
     try:
-        deadline = time.monotonic() + 60
-        while True:  # finished results are served as soon as the API is up, before the worker is ready
-            try:
-                if httpx.get(again.url + "/livez", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, again.log()
-            time.sleep(0.2)
+        again.wait_live()  # finished results are served as soon as the API is up, before the worker is ready
         assert again.result(finished["id"])["outputs"] == finished["outputs"]
         assert httpx.get(finished["outputs"][0]).status_code == 200
         again.wait_ready()
