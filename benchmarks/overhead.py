@@ -124,7 +124,7 @@ def server_breakdown(data: Path, ids: dict[str, list[str]]) -> list[dict[str, An
     from server.jobs.store import JobStore
     from server.settings import Settings
 
-    store = JobStore(Settings(data_dir=data).resolved_database_url)
+    store = JobStore.open(Settings(data_dir=data))
     rows: list[dict[str, Any]] = []
     try:
         for path, path_ids in ids.items():
@@ -218,12 +218,11 @@ async def hammer(
 
 def fill_store(data: Path, count: int) -> list[str]:
     """Insert ``count`` finished jobs straight into the server's database."""
-    from server.jobs.models import Job, Status
+    from server.jobs.contract import Job, JobParams, Status
     from server.jobs.store import JobStore, new_id, now_ms
     from server.settings import Settings
 
-    settings = Settings(data_dir=data)
-    store = JobStore(settings.resolved_database_url)
+    store = JobStore.open(Settings(data_dir=data))
     ids = []
     now = now_ms()
     for _ in range(count):
@@ -235,7 +234,7 @@ def fill_store(data: Path, count: int) -> list[str]:
                 variant="edit",
                 status=Status.COMPLETED,
                 input={"prompt": "x"},
-                params={"prompt": "x"},
+                params=JobParams(prompt="x", images=(), seed=0, num_inference_steps=2, true_cfg_scale=1.0),
                 base_url="http://127.0.0.1",
                 output_format="jpeg",
                 base64_output=False,

@@ -22,11 +22,13 @@ from typing import Any
 
 import structlog
 
+from pipelines.errors import PipelineInputError
+
 log = structlog.get_logger(__name__)
 
 
-class LoraError(ValueError):
-    """A LoRA cannot be fetched or loaded (the job's input is at fault: a 4xx-class failure)."""
+class LoraError(PipelineInputError):
+    """A LoRA cannot be fetched or loaded (the job's input is at fault: a 1401 failure)."""
 
 
 @dataclass(frozen=True)

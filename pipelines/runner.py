@@ -12,6 +12,7 @@ from typing import Any
 
 from PIL import Image
 
+from pipelines.errors import PipelineInputError
 from pipelines.lora import LoraManager, LoraRequest
 from pipelines.registry import Variant
 
@@ -64,21 +65,21 @@ class EditRunner:
 
     def check_inputs(self, inputs: EditInputs) -> None:
         if not inputs.images:
-            raise ValueError("at least one input image is required")
+            raise PipelineInputError("at least one input image is required")
         if len(inputs.images) > self.variant.max_images:
-            raise ValueError(f"{self.variant.name} takes at most {self.variant.max_images} images")
+            raise PipelineInputError(f"{self.variant.name} takes at most {self.variant.max_images} images")
         if not inputs.prompt.strip():
-            raise ValueError("prompt must not be empty")
+            raise PipelineInputError("prompt must not be empty")
         if inputs.num_inference_steps < 1:
-            raise ValueError("num_inference_steps must be at least 1")
+            raise PipelineInputError("num_inference_steps must be at least 1")
         if (inputs.width is None) != (inputs.height is None):
-            raise ValueError("give both width and height, or neither")
+            raise PipelineInputError("give both width and height, or neither")
         if inputs.num_images < 1:
-            raise ValueError("num_images must be at least 1")
+            raise PipelineInputError("num_images must be at least 1")
         if inputs.loras and self.loras is None:
-            raise ValueError("this worker does not load LoRAs")
+            raise PipelineInputError("this worker does not load LoRAs")
         if len(inputs.loras) > 3:
-            raise ValueError("at most 3 LoRAs")
+            raise PipelineInputError("at most 3 LoRAs")
 
     def batch_signature(self, inputs: EditInputs) -> tuple[Any, ...] | None:
         """Runs with equal signatures can share one pipeline call; None: this run must go alone.

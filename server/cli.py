@@ -42,19 +42,19 @@ def _apply_overrides(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.app import create_app
-    from server.jobs.store import JobStore
+    from server.api.app import create_app
+    from server.jobs.db import Database
     from server.logs import configure_logging
     from server.settings import Settings
-    from server.supervisor import WorkerSupervisor
+    from server.worker.supervisor import WorkerSupervisor
 
     _apply_overrides(args)
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = JobStore(settings.resolved_database_url, run_dir=settings.run_dir)
-    store.migrate()
-    store.close()
+    db = Database.open(settings)
+    db.wait_until_migrated()  # a server started before its database waits for it
+    db.close()
 
     fatal: list[str] = []
 
@@ -92,8 +92,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from pipelines.loader import ModelLoadError
     from server.logs import configure_logging
     from server.settings import Settings
-    from server.supervisor import EXIT_LOAD_FAILED
-    from server.worker_main import run_worker
+    from server.worker.main import run_worker
+    from server.worker.supervisor import EXIT_LOAD_FAILED
 
     _apply_overrides(args)
     if args.workers is not None:
@@ -113,7 +113,7 @@ def _supervise_workers(settings: Settings, count: int) -> int:
     """``qwen-edit worker --workers N``: N workers on this machine (one per GPU, slots 0..N-1),
     restarted if they die, drained on SIGTERM; what ``serve`` does beside its API, without the API."""
     from server.logs import configure_logging
-    from server.supervisor import WorkerSupervisor
+    from server.worker.supervisor import WorkerSupervisor
 
     configure_logging(settings.log_level, settings.log_json)
     settings = settings.model_copy(update={"embedded_workers": count})

@@ -1,5 +1,12 @@
-"""One error hierarchy. HTTP-level errors become the v3 error envelope in one place (api/errors.py);
-job-level errors carry the v3 task error code onto a ``failed`` prediction.
+"""One error hierarchy, shared by every process.
+
+ApiError                 answered at the HTTP level, as the v3 envelope (api/handlers.py)
+    BadRequest 400, Unauthorized 401, Forbidden 403, NotFound 404, PayloadTooLarge 413,
+    TooManyRequests 429, ServiceUnavailable 503
+JobError                 ends a job as ``failed`` with a v3 task code (worker/failures.py)
+    InvalidInput 1401, MediaError 1402, Cancelled 1403
+StoreUnavailable         the job store cannot be reached or written (503 at the API; the
+                         worker waits and retries)
 """
 
 from __future__ import annotations
@@ -55,13 +62,11 @@ class ServiceUnavailable(ApiError):
 
 # --- job-level failures (a ``failed`` prediction with ``data.code``) ----------------------------
 
-MISSING_PARAMETER = 1400
 INVALID_PARAMETER = 1401
 MEDIA_ACCESS_FAILED = 1402
 TASK_FAILED = 1403
 INTERNAL_ERROR = 5000
-SERVICE_UNAVAILABLE = 5003
-TIMEOUT = 5004
+TIMEOUT = 5004  # sync mode: the hold ended, the job goes on
 
 
 class JobError(Exception):
@@ -89,3 +94,13 @@ class Cancelled(JobError):
 
     def __init__(self, message: str = "Cancelled by the client.") -> None:
         super().__init__(message)
+
+
+class StoreUnavailable(Exception):
+    """The job store's database cannot be reached or written right now (a restart, a full disk)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message, its first line only (driver errors carry whole SQL statements)."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="QWEN_EDIT_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="QWEN_EDIT_", env_file=".env", extra="ignore", populate_by_name=True)
 
     # --- network -------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -29,9 +29,10 @@ class Settings(BaseSettings):
 
     # --- model ---------------------------------------------------------------------------
     variant: str = "edit"
-    # A folder or Hub id of the model to serve. Unset: weights/<Hub repo name> when present,
-    # else a tiny random model built into data_dir/tiny/<variant> (noise, for trying things out).
-    model: str | None = None
+    # A folder or Hub id of the weights to serve (env QWEN_EDIT_MODEL). Unset: weights/<Hub repo name>
+    # when present, else a tiny random model built into data_dir/tiny/<variant> (noise, for trying
+    # things out). "model" on a job is the public model id; here it is where the weights are.
+    weights: str | None = Field(None, validation_alias="qwen_edit_model")
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     default_steps: int = Field(50, ge=1, le=200)
@@ -66,6 +67,7 @@ class Settings(BaseSettings):
     webhook_secret: str | None = None  # whsec_…; unset: generated once and kept in the database
     webhook_max_attempts: int = Field(8, ge=1)
     webhook_timeout_s: float = 10.0
+    webhook_first_retry_s: float = Field(2.0, gt=0)  # then doubling, capped at 10 minutes
 
     # --- scale-out storage (S3-compatible object storage) -----------------------------------
     # Unset: the local folder storage_dir. s3://bucket/prefix: S3 or any S3-compatible server;
@@ -79,7 +81,7 @@ class Settings(BaseSettings):
     # `qwen-edit worker` told to stop: finish the running job for up to this long, then hand it back.
     worker_drain_s: float = Field(30.0, ge=0)
 
-    # --- hardening: SSRF, per-key limits, retention, fault injection -------------------------
+    # --- hardening: SSRF, per-key limits, retention ------------------------------------------
     # Outbound requests (image URLs, webhooks) never reach loopback, private, link-local, multicast,
     # reserved or cloud-metadata addresses, except these CIDRs / host names ("10.0.0.0/8,images.lan").
     fetch_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -87,8 +89,6 @@ class Settings(BaseSettings):
     max_jobs_per_key: int = Field(default=0, ge=0)  # queued + running jobs per API key; 0: unlimited
     retention_s: float = Field(default=0, ge=0)  # delete finished jobs and their files after this long; 0: keep
     retention_interval_s: float = Field(default=600.0, gt=0)
-    # TEST ONLY (server/faults.py): prompts carrying a [[fault:...]] marker make the worker fail on purpose.
-    fault_injection: bool = False
 
     # --- speed (pipelines/speed.py; benchmarks/) -----------------------------------------
     # Cond and uncond passes of a true-CFG step as one batch-2 forward (same results, fewer launches).
@@ -115,9 +115,12 @@ class Settings(BaseSettings):
     # The variants served, worker slot i serving variants[i % len] (one base model per worker).
     # Unset: [variant]. Each endpoint of a variant with no worker answers 404 "not enabled".
     variants: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Model folder or Hub id per variant: "edit-plus=/models/Qwen-Image-Edit-2509,edit-2511=Qwen/Qwen-Image-Edit-2511".
-    # A variant not listed: `model` if it is `variant`, else weights/<repo name>, else the tiny model.
-    models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # Weights (folder or Hub id) per variant, env QWEN_EDIT_MODELS:
+    # "edit-plus=/models/Qwen-Image-Edit-2509,edit-2511=Qwen/Qwen-Image-Edit-2511". A variant not
+    # listed: `weights` if it is `variant`, else weights/<repo name>, else the tiny model.
+    weights_by_variant: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, validation_alias="qwen_edit_models"
+    )
     # auto (from free GPU memory), full, text-encoder-offload, model-offload, group-block, group-leaf.
     memory_mode: str = "auto"
     quantize: str = "auto"  # auto (fp8 when memory needs it and the GPU has fp8), none, fp8, int8
@@ -145,7 +148,7 @@ class Settings(BaseSettings):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
-    @field_validator("models", mode="before")
+    @field_validator("weights_by_variant", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
         if isinstance(value, str):
@@ -162,19 +165,28 @@ class Settings(BaseSettings):
             self.default_true_cfg_scale = 1.0  # Lightning is distilled without CFG
         return self
 
+    @classmethod
+    def env_names(cls) -> set[str]:
+        """Every environment variable these settings read (``QWEN_EDIT_*``)."""
+        names = set()
+        for name, info in cls.model_fields.items():
+            alias = info.validation_alias
+            names.add(alias.upper() if isinstance(alias, str) else f"QWEN_EDIT_{name.upper()}")
+        return names
+
     def slot_variant(self, slot: int) -> str:
         variants = self.variants or [self.variant]
         return variants[slot % len(variants)]
 
     def for_slot(self, slot: int) -> Settings:
-        """These settings as worker ``slot`` runs them: its variant (``variants``) and that variant's model."""
+        """These settings as worker ``slot`` runs them: its variant (``variants``) and that variant's weights."""
         if not self.variants:
             return self
         variant = self.slot_variant(slot)
-        return self.model_copy(update={"variant": variant, "model": self.model_for(variant)})
+        return self.model_copy(update={"variant": variant, "weights": self.weights_for(variant)})
 
-    def model_for(self, variant: str) -> str | None:
-        return self.models.get(variant) or (self.model if variant == self.variant else None)
+    def weights_for(self, variant: str) -> str | None:
+        return self.weights_by_variant.get(variant) or (self.weights if variant == self.variant else None)
 
     @property
     def served_variants(self) -> list[str]:

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import ROOT, ServerProc, server_env
+from tests.support import ROOT, ServerProc, server_env
 
 
 @dataclass

@@ -1,183 +1,48 @@
-"""Fixtures: the tiny model (built once per session) and the real server in a subprocess."""
+"""Fixtures only (helpers live in tests/support.py): the tiny models, real servers in subprocesses,
+in-process apps and workers, an image host, PostgreSQL databases."""
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import io
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-API_KEY = "test-key-1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def png_bytes(size: tuple[int, int] = (80, 64), color: tuple[int, int, int] = (200, 40, 40), fmt: str = "PNG") -> bytes:
-    img = Image.new("RGB", size, color)
-    for x in range(0, size[0], 8):  # some structure, so encoders and the model see edges
-        for y in range(size[1]):
-            img.putpixel((x, y), (20, 20, 220))
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def data_uri(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def build_tiny(folder: Path, variant: str) -> Path:
-    """A tiny model folder, built through the CLI a user would run (`qwen-edit weights tiny`)."""
-    subprocess.run(
-        [sys.executable, "-m", "server.cli", "weights", "tiny", str(folder), "--variant", variant],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-    )
-    return folder
+from tests.support import (
+    FakeRunner,
+    ServerProc,
+    ThreadWorker,
+    _ImageHandler,
+    fresh_database,
+    server_env,
+    settings_for,
+)
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny Edit model folder, built once per session, through `qwen-edit weights tiny`."""
+    """The tiny Edit model folder, built once per session in this process (the CLI that users run
+    to build one, `qwen-edit weights tiny`, has its own end-to-end test in test_tiny.py)."""
+    from weights.tiny import build_tiny_model
+
     root = tmp_path_factory.mktemp("tiny")
-    return {"edit": build_tiny(root / "edit", "edit")}
+    return {"edit": build_tiny_model(root / "edit", "edit")}
 
 
-@dataclass
-class ServerProc:
-    data_dir: Path
-    env: dict[str, str]
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
+@pytest.fixture(scope="session")
+def tiny_family(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny model folders of all three variants (edit reused from ``tiny_models``). Built in this
+    process (the CLI is exercised by ``tiny_models``): each CLI run imports diffusers afresh."""
+    from weights.tiny import build_tiny_model
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {API_KEY}"}
-
-    def start(self, wait_ready: bool = True, timeout: float = 120.0) -> ServerProc:
-        self.log_path = self.data_dir / f"server-{int(time.time() * 1000)}.log"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process
-        env = {**os.environ, **self.env, "QWEN_EDIT_PORT": str(self.port)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve"],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # so that kill() can take the whole process group
-        )
-        if wait_ready:
-            self.wait_ready(timeout)
-        return self
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        """Until ``/readyz`` answers 200: the API is up and its workers have loaded the model."""
-        self._wait_for("/readyz", timeout)
-
-    def wait_live(self, timeout: float = 60.0) -> None:
-        """Until ``/livez`` answers 200: the API serves, whether or not a worker is ready yet."""
-        self._wait_for("/livez", timeout)
-
-    def _wait_for(self, path: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + path, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"{path} not 200 after {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path and self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        """SIGKILL the server and its workers at once: a crash, not a shutdown."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        if self.proc:
-            # Workers are in the same process group: make sure none outlives the test.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-
-    # --- raw HTTP helpers ----------------------------------------------------------------
-
-    def submit(self, body: dict[str, Any], model: str = "wavespeed-ai/qwen-image/edit", **kw: Any) -> httpx.Response:
-        return httpx.post(f"{self.url}/api/v3/{model}", json=body, headers=self.headers, timeout=120, **kw)
-
-    def result(self, pid: str) -> dict[str, Any]:
-        r = httpx.get(f"{self.url}/api/v3/predictions/{pid}/result", headers=self.headers, timeout=10)
-        r.raise_for_status()
-        data: dict[str, Any] = r.json()["data"]
-        return data
-
-    def wait(self, pid: str, timeout: float = 120.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            data = self.result(pid)
-            assert data["status"] in ("created", "processing", "completed", "failed")
-            if data["status"] in ("completed", "failed"):
-                return data
-            time.sleep(0.2)
-        raise TimeoutError(f"{pid} not finished after {timeout}s:\n{self.log()}")
+    root = tmp_path_factory.mktemp("tiny-family")
+    return {"edit": tiny_models["edit"]} | {v: build_tiny_model(root / v, v) for v in ("edit-plus", "edit-2511")}
 
 
-def server_env(data_dir: Path, model_dir: Path, **extra: str) -> dict[str, str]:
-    env = {
-        "QWEN_EDIT_DATA_DIR": str(data_dir),
-        "QWEN_EDIT_MODEL": str(model_dir),
-        "QWEN_EDIT_API_KEYS": f"{API_KEY},test-key-2",
-        "QWEN_EDIT_DEFAULT_STEPS": "2",
-        # Warm-up costs a full tiny edit per start; the shared session server keeps it on.
-        "QWEN_EDIT_WARMUP": "false",
-        "QWEN_EDIT_LEASE_S": "5",
-        "QWEN_EDIT_LOG_LEVEL": "INFO",
-        # Test receivers and image hosts run on loopback: the SSRF guard must let them through.
-        "QWEN_EDIT_FETCH_ALLOW": "127.0.0.0/8",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.update(extra)
-    return env
+# --- real servers (end-to-end) -------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -206,20 +71,48 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path
     srv.stop()
 
 
-class _ImageHandler(BaseHTTPRequestHandler):
-    routes: dict[str, tuple[int, bytes, dict[str, str]]] = {}
+# --- in process ----------------------------------------------------------------------------------
 
-    def do_GET(self) -> None:
-        status, body, headers = self.routes.get(self.path, (404, b"not found", {}))
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    def log_message(self, *args: Any) -> None:
-        pass
+@pytest.fixture
+def app_settings(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    """Settings of an in-process app: SQLite and files under the test's tmp dir. Parametrize it
+    indirectly with a dict to change settings: ``@pytest.mark.parametrize("app_settings", [{...}], indirect=True)``."""
+    return settings_for(tmp_path / "data", **getattr(request, "param", {}))
+
+
+@pytest.fixture
+def api(app_settings: Any) -> Iterator[Any]:
+    """The app in process (``TestClient``: its lifespan runs), without workers: jobs stay queued."""
+    from fastapi.testclient import TestClient
+
+    from server.api.app import create_app
+
+    with TestClient(create_app(app_settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def fake_runner() -> FakeRunner:
+    return FakeRunner()
+
+
+@pytest.fixture
+def fake_worker(app_settings: Any, fake_runner: FakeRunner) -> Iterator[ThreadWorker]:
+    """A real worker loop in a thread, on the app's store and storage, running the fake runner."""
+    worker = ThreadWorker(app_settings, fake_runner).start()
+    yield worker
+    fake_runner.release.set()
+    worker.stop()
+
+
+@pytest.fixture
+def stack(api: Any, fake_worker: ThreadWorker) -> Any:
+    """The in-process app with a fake worker serving its jobs: ``stack.post(...)`` as with ``api``."""
+    return api
+
+
+# --- outside services ----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -234,23 +127,8 @@ def image_host() -> Iterator[tuple[str, dict[str, tuple[int, bytes, dict[str, st
     httpd.shutdown()
 
 
-# --- PostgreSQL (scale-out tests) ----------------------------------------------------------------
-
-
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test (postgresql://…), dropped afterwards."""
-    from tests.pgutil import fresh_database
-
     with fresh_database() as url:
         yield url
-
-
-@pytest.fixture(scope="session")
-def tiny_family(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny model folders of all three variants (edit reused from ``tiny_models``). Built in this
-    process (the CLI is exercised by ``tiny_models``): each CLI run imports diffusers afresh."""
-    from weights.tiny import build_tiny_model
-
-    root = tmp_path_factory.mktemp("tiny-family")
-    return {"edit": tiny_models["edit"]} | {v: build_tiny_model(root / v, v) for v in ("edit-plus", "edit-2511")}

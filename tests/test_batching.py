@@ -1,4 +1,4 @@
-"""Dynamic batching: compatible queued jobs share one pipeline call (server/batching.py,
+"""Dynamic batching: compatible queued jobs share one pipeline call (``JobParams.batch_key``,
 ``EditRunner.run_batch``), and each job's output is what it would have been alone."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ from PIL import Image
 from pipelines.loader import load_pipeline
 from pipelines.registry import get_variant
 from pipelines.runner import EditInputs, EditRunner, condition_size
-from server.batching import batch_key
-from tests.conftest import ServerProc, data_uri, png_bytes, server_env
+from server.jobs.contract import ImageRef, JobParams, LoraRef
+from tests.support import ServerProc, data_uri, png_bytes, server_env
 
 
 @pytest.fixture(scope="module")
@@ -80,20 +81,21 @@ def test_batch_signature_separates_what_cannot_share_a_call(runner: EditRunner) 
 
 def test_batch_key_at_submit_time() -> None:
     edit, plus = get_variant("edit"), get_variant("edit-plus")
-    params: dict[str, Any] = {
-        "images": [{"key": "a"}],
-        "width": 512,
-        "height": 512,
-        "num_inference_steps": 30,
-        "true_cfg_scale": 4.0,
-        "negative_prompt": " ",
-        "loras": [],
-    }
-    key = batch_key(edit, params)
-    assert key and batch_key(edit, {**params, "images": [{"url": "b"}], "prompt": "other"}) == key
-    assert batch_key(edit, {**params, "width": 640}) != key
-    assert batch_key(edit, {**params, "loras": [{"path": "x", "scale": 1.0}]}) is None
-    assert batch_key(plus, params) is None  # multi-image pipelines read a list as one prompt's images
+    params = JobParams(
+        prompt="x",
+        images=(ImageRef(key="a"),),
+        seed=1,
+        width=512,
+        height=512,
+        num_inference_steps=30,
+        true_cfg_scale=4.0,
+        negative_prompt=" ",
+    )
+    key = params.batch_key(edit)
+    assert key and replace(params, images=(ImageRef(url="http://b"),), prompt="other", seed=2).batch_key(edit) == key
+    assert replace(params, width=640).batch_key(edit) != key
+    assert replace(params, loras=(LoraRef("x", 1.0),)).batch_key(edit) is None
+    assert params.batch_key(plus) is None  # multi-image pipelines read a list as one prompt's images
 
 
 # --- through the real server -----------------------------------------------------------------
@@ -123,6 +125,7 @@ def _batches(srv: ServerProc) -> list[list[str]]:
     return found
 
 
+@pytest.mark.e2e
 def test_server_batches_compatible_jobs_and_keeps_each_result(
     batching: ServerProc, runner: EditRunner, tiny_models: dict[str, Any]
 ) -> None:
@@ -151,6 +154,7 @@ def test_server_batches_compatible_jobs_and_keeps_each_result(
         assert _max_diff(got, alone.images[0].convert("RGB")) <= 1
 
 
+@pytest.mark.e2e
 def test_cancelling_one_job_of_a_batch_leaves_the_others(batching: ServerProc) -> None:
     body = {"image": data_uri(png_bytes()), "size": "256*256", "num_inference_steps": 12}
     ids = [batching.submit({**body, "prompt": f"long {i}"}).json()["data"]["id"] for i in range(3)]

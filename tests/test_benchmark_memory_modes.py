@@ -10,6 +10,7 @@ import pytest
 from benchmarks.memory_modes import main
 
 
+@pytest.mark.e2e  # a whole benchmark run, every memory mode
 def test_memory_modes_benchmark_runs_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "table.md"
     modes = "full,group-block,group-leaf,text-encoder-offload,model-offload"

@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, ServerProc
 
 from benchmarks import batching, gpu, overhead
+from tests.support import ROOT, ServerProc
+
+pytestmark = pytest.mark.e2e
 
 PY = sys.executable
 

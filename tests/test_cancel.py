@@ -1,56 +1,45 @@
-"""Progress and cancellation through the real server: queued jobs fail at once, running ones at the next step."""
+"""Cancellation through the API in process: a queued job fails at once, a running one at its next
+step (the fake runner holds it mid-run until then), a finished one is left as it is."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import httpx
+from tests.support import KEY1, MODEL_URL, data_uri, png_bytes, wait_for
 
-from tests.conftest import data_uri, png_bytes
+BODY = {"prompt": "hang", "image": data_uri(png_bytes()), "size": "256*256", "num_inference_steps": 30}
 
 
-def _cancel(srv: Any, pid: str) -> dict[str, Any]:
-    r = httpx.post(f"{srv.url}/api/v3/predictions/{pid}/cancel", headers=srv.headers, timeout=10)
+def cancel(client: Any, pid: str) -> dict[str, Any]:
+    r = client.post(f"/api/v3/predictions/{pid}/cancel", headers=KEY1)
     assert r.status_code == 200, r.text
     data: dict[str, Any] = r.json()["data"]
     return data
 
 
-def test_cancel_queued_and_running_jobs_with_progress(server: Any) -> None:
-    srv = server  # the session's server: its one worker is idle between tests, which wait for their jobs
-    body = {"prompt": "slow", "image": data_uri(png_bytes()), "size": "256*256", "num_inference_steps": 30}
-    running = srv.submit(body).json()["data"]["id"]
-    queued = srv.submit(body).json()["data"]["id"]
+def result(client: Any, pid: str) -> dict[str, Any]:
+    data: dict[str, Any] = client.get(f"/api/v3/predictions/{pid}/result", headers=KEY1).json()["data"]
+    return data
 
-    # Progress rises while the first job runs (the one worker is busy, so the second stays queued).
-    seen: list[int] = []
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        data = srv.result(running)
-        if "progress" in data:
-            assert data["progress"]["total"] == 30
-            seen.append(data["progress"]["step"])
-        if len(set(seen)) >= 3 and seen[-1] >= 2:
-            break
-        time.sleep(0.2)
-    assert seen == sorted(seen) and len(set(seen)) >= 3, seen
-    assert srv.result(queued)["status"] == "created"
+
+def test_cancel_queued_running_and_finished_jobs(stack: Any, fake_runner: Any) -> None:
+    running = stack.post(MODEL_URL, json=BODY, headers=KEY1).json()["data"]["id"]
+    wait_for(lambda: result(stack, running).get("progress", {}).get("total") == 30, what="running")
+    queued = stack.post(MODEL_URL, json=BODY, headers=KEY1).json()["data"]["id"]
+    assert result(stack, queued)["status"] == "created"  # the one worker is busy
 
     # Queued: failed at once, in the cancel response itself.
-    cancelled = _cancel(srv, queued)
-    assert cancelled["status"] == "failed" and "before it started" in cancelled["error"]
+    cancelled = cancel(stack, queued)
+    assert cancelled["status"] == "failed" and cancelled["code"] == 1403
+    assert cancelled["error"] == "Cancelled by the client before it started."
 
-    # Running: fails at its next step with a clear error, well before its 30 steps.
-    _cancel(srv, running)
-    final = srv.wait(running, timeout=120)
-    assert final["status"] == "failed"
-    assert final["error"] == "Cancelled by the client while running."
-    assert final["progress"]["step"] < 30
+    # Running: still processing in the answer, failed at its next step.
+    assert cancel(stack, running)["status"] == "processing"
+    final = wait_for(lambda: (d := result(stack, running))["status"] == "failed" and d, what="the run stopped")
+    assert final["error"] == "Cancelled by the client while running." and final["progress"]["step"] < 30
 
-    # The worker goes on serving.
-    ok = srv.submit({**body, "num_inference_steps": 2, "enable_sync_mode": True}).json()["data"]
+    # The worker goes on serving; cancelling a finished job changes nothing.
+    ok = stack.post(MODEL_URL, json={**BODY, "prompt": "x", "enable_sync_mode": True}, headers=KEY1).json()["data"]
     assert ok["status"] == "completed"
-    assert _cancel(srv, ok["id"])["status"] == "completed"  # cancelling a finished job changes nothing
-    r = httpx.post(f"{srv.url}/api/v3/predictions/nope/cancel", headers=srv.headers, timeout=10)
-    assert r.status_code == 404
+    assert cancel(stack, ok["id"])["status"] == "completed"
+    assert stack.post("/api/v3/predictions/nope/cancel", headers=KEY1).status_code == 404

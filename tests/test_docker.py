@@ -23,7 +23,7 @@ from server.settings import Settings
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 ROOT = DOCKER.parent
-SETTINGS = set(Settings.model_fields)
+SETTINGS = Settings.env_names()
 
 
 def _compose() -> dict[str, Any]:
@@ -32,7 +32,7 @@ def _compose() -> dict[str, Any]:
 
 
 def _qwen_vars(env: dict[str, Any]) -> set[str]:
-    return {k.removeprefix("QWEN_EDIT_").lower() for k in env if k.startswith("QWEN_EDIT_")}
+    return {k for k in env if k.startswith("QWEN_EDIT_")}
 
 
 def test_dockerfile_passes_hadolint() -> None:

@@ -1,6 +1,7 @@
 """Hostile and unusual images: CMYK, 16-bit, animated, alpha, decompression bombs, and odd fields.
 
-Decoding is checked directly (server.inputs), then the same images go through the real server.
+Decoding is checked directly (server.media.images), then the same images go through the app in
+process (its submit checks, and a worker loop that decodes them for a fake runner).
 """
 
 from __future__ import annotations
@@ -8,14 +9,14 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from typing import Any
 
-import httpx
 import pytest
 from PIL import Image
 
 from server.errors import InvalidInput
-from server.inputs import ImageLimits, decode_image, probe_image
-from tests.conftest import ServerProc, data_uri
+from server.media.images import ImageLimits, decode_image, probe_image
+from tests.support import KEY1, MODEL_URL, data_uri, wait_for
 
 LIMITS = ImageLimits(max_bytes=25 * 1024 * 1024, max_pixels=40_000_000)
 
@@ -113,7 +114,7 @@ def test_truncated_and_garbage_refused() -> None:
         probe_image(b"%PDF-1.4\n" + b"0" * 100, LIMITS)
 
 
-# --- through the real server ---------------------------------------------------------------
+# --- through the app -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -125,15 +126,16 @@ def test_truncated_and_garbage_refused() -> None:
         ("alpha", rgba_png(), "image/png"),
     ],
 )
-def test_unusual_images_complete(server: ServerProc, name: str, data: bytes, mime: str) -> None:
-    r = server.submit({"prompt": f"edit the {name} image", "image": data_uri(data, mime), "size": "256*256"})
+def test_unusual_images_complete(stack: Any, name: str, data: bytes, mime: str) -> None:
+    r = submit(stack, {"prompt": f"edit the {name} image", "image": data_uri(data, mime), "size": "256*256"})
     assert r.status_code == 200, r.text
-    done = server.wait(r.json()["data"]["id"])
+    pid = r.json()["data"]["id"]
+    done = wait_for(lambda: (d := result(stack, pid))["status"] in ("completed", "failed") and d, 30, pid)
     assert done["status"] == "completed", done
 
 
-def test_bomb_is_400_at_submit(server: ServerProc) -> None:
-    r = server.submit({"prompt": "x", "image": data_uri(bomb_png())})
+def test_bomb_is_400_at_submit(api: Any) -> None:
+    r = submit(api, {"prompt": "x", "image": data_uri(bomb_png())})
     assert r.status_code == 400, r.text
     assert "pixels" in r.json()["message"]
 
@@ -176,31 +178,29 @@ LONG = "x" * 5000
         {"prompt": "x", "image": "https://example.com/x.png", "loras": "a"},
     ],
 )
-def test_hostile_fields_are_400(server: ServerProc, body: dict[str, object]) -> None:
-    r = server.submit(body)
+def test_hostile_fields_are_400(api: Any, body: dict[str, object]) -> None:
+    r = submit(api, body)
     assert r.status_code == 400, (body, r.status_code, r.text[:300])
     envelope = r.json()
     assert envelope["code"] == 400 and envelope["message"] and envelope["data"]["error"] == envelope["message"]
 
 
 @pytest.mark.parametrize("raw", [b"[]", b'"text"', b"null", b"1e999", b'{"prompt": "x", "image": ' + b"[" * 5000])
-def test_hostile_bodies_are_400(server: ServerProc, raw: bytes) -> None:
-    r = httpx.post(
-        f"{server.url}/api/v3/wavespeed-ai/qwen-image/edit",
-        content=raw,
-        headers={**server.headers, "Content-Type": "application/json"},
-        timeout=30,
-    )
+def test_hostile_bodies_are_400(api: Any, raw: bytes) -> None:
+    r = api.post(MODEL_URL, content=raw, headers={**KEY1, "Content-Type": "application/json"})
     assert r.status_code == 400, (raw[:40], r.status_code, r.text[:300])
 
 
-def test_webhook_to_internal_address_is_400(server: ServerProc) -> None:
+def test_webhook_to_internal_address_is_400(api: Any) -> None:
     for hook in ("http://169.254.169.254/hook", "http://[fd00::1]/", "ftp://example.com/hook", "http://10.0.0.1/"):
-        r = httpx.post(
-            f"{server.url}/api/v3/wavespeed-ai/qwen-image/edit",
-            params={"webhook": hook},
-            json={"prompt": "x", "image": "https://example.com/x.png"},
-            headers=server.headers,
-            timeout=30,
-        )
+        r = submit(api, {"prompt": "x", "image": "https://example.com/x.png"}, params={"webhook": hook})
         assert r.status_code == 400, (hook, r.text)
+
+
+def submit(client: Any, body: dict[str, Any], **kw: Any) -> Any:
+    return client.post(MODEL_URL, json=body, headers=KEY1, **kw)
+
+
+def result(client: Any, pid: str) -> dict[str, Any]:
+    data: dict[str, Any] = client.get(f"/api/v3/predictions/{pid}/result", headers=KEY1).json()["data"]
+    return data

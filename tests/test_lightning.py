@@ -14,7 +14,7 @@ from pipelines.lora import LoraManager
 from pipelines.registry import get_variant
 from pipelines.runner import EditInputs, EditRunner
 from server.settings import Settings
-from tests.lora_util import build_tiny_lora
+from tests.support import build_tiny_lora
 from weights.tiny import build_tiny_pipeline
 
 

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from benchmarks.load_test import report, run
-from tests.conftest import API_KEY
+from tests.support import API_KEY
+
+pytestmark = pytest.mark.e2e
 
 
 def test_load_queue_cap_and_polls(make_server: object) -> None:

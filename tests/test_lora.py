@@ -11,7 +11,7 @@ from PIL import Image
 from pipelines.lora import LoraError, LoraManager, LoraRequest, resolve_file
 from pipelines.registry import get_variant
 from pipelines.runner import EditInputs, EditRunner
-from tests.lora_util import build_tiny_lora
+from tests.support import build_tiny_lora
 from weights.tiny import build_tiny_pipeline
 
 

@@ -1,4 +1,5 @@
-"""/files/ serves only stored files (no traversal) and signed upload URLs are checked and expire."""
+"""/files/ serves only stored files (no traversal: raw paths, through the real server) and signed
+upload URLs are checked and expire (in process)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import hmac
 import http.client
 import sqlite3
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 
-from tests.conftest import ServerProc, png_bytes
+from tests.support import KEY1, ServerProc, png_bytes
 
 TRAVERSALS = [
     "/files/../jobs.db",
@@ -42,6 +43,7 @@ def raw_get(srv: ServerProc, path: str) -> tuple[int, bytes]:
         conn.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("path", TRAVERSALS)
 def test_files_cannot_escape_their_folders(server: ServerProc, path: str) -> None:
     status, body = raw_get(server, path)
@@ -49,36 +51,36 @@ def test_files_cannot_escape_their_folders(server: ServerProc, path: str) -> Non
     assert b"SQLite format" not in body and b"root:" not in body and b"test-key" not in body
 
 
-def _create_upload(srv: ServerProc, size: int) -> dict[str, str]:
-    r = httpx.post(srv.url + "/api/v3/media/uploads", json={"filename": "cat.png", "size": size}, headers=srv.headers)
+def _create_upload(client: Any, size: int) -> dict[str, str]:
+    r = client.post("/api/v3/media/uploads", json={"filename": "cat.png", "size": size}, headers=KEY1)
     assert r.status_code == 200, r.text
     return r.json()["data"]  # type: ignore[no-any-return]
 
 
-def test_upload_url_tampered_or_expired_is_403(server: ServerProc) -> None:
+def test_upload_url_tampered_or_expired_is_403(api: Any, app_settings: Any) -> None:
     data = png_bytes()
-    ticket = _create_upload(server, len(data))
+    ticket = _create_upload(api, len(data))
     put_url = ticket["upload"]["url"]  # type: ignore[index]
     parts = urlsplit(put_url)
     query = dict(p.split("=", 1) for p in parts.query.split("&"))
     key = parts.path.removeprefix("/api/v3/media/uploads/")
-    base = f"{server.url}{parts.path}"
+    base = parts.path
 
-    def put(q: dict[str, str]) -> httpx.Response:
-        return httpx.put(base, params=q, content=data, headers={"Content-Type": "image/png"})
+    def put(q: dict[str, str]) -> Any:
+        return api.put(base, params=q, content=data, headers={"Content-Type": "image/png"})
 
     flipped = ("0" if query["signature"][0] != "0" else "1") + query["signature"][1:]
     assert put({**query, "signature": flipped}).status_code == 403
     assert put({**query, "size": str(len(data) + 1)}).status_code == 403
     assert put({**query, "expires": str(int(query["expires"]) + 3600)}).status_code == 403
     # An expired URL with a *valid* signature (made with the server's own key) is refused too.
-    with sqlite3.connect(server.data_dir / "jobs.db") as db:
+    with sqlite3.connect(app_settings.data_dir / "jobs.db") as db:
         signing_key = db.execute("SELECT value FROM meta WHERE key='upload_signing_key'").fetchone()[0]
     expired = int(time.time()) - 5
     mac = hmac.new(bytes.fromhex(signing_key), f"{key}\n{len(data)}\n{expired}".encode(), hashlib.sha256).hexdigest()
     r = put({"size": str(len(data)), "expires": str(expired), "signature": mac})
     assert r.status_code == 403 and "expired" in r.json()["message"]
-    assert httpx.get(ticket["download_url"]).status_code == 404  # nothing stored by the refused PUTs
+    assert api.get(ticket["download_url"]).status_code == 404  # nothing stored by the refused PUTs
     # The genuine URL still works.
     assert put(query).status_code == 200
-    assert httpx.get(ticket["download_url"]).content == data
+    assert api.get(ticket["download_url"]).content == data

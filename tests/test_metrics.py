@@ -1,17 +1,17 @@
-"""GET /metrics: job counts and histograms from the store, HTTP latency by route template."""
+"""GET /metrics in process: job counts and histograms from the store, HTTP latency by route template."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ServerProc, data_uri, png_bytes
+from tests.support import KEY1, MODEL_URL, data_uri, png_bytes
 
 
-def scrape(srv: ServerProc) -> dict[str, list[tuple[dict[str, str], float]]]:
-    r = httpx.get(srv.url + "/metrics", timeout=10)
+def scrape(client: Any) -> dict[str, list[tuple[dict[str, str], float]]]:
+    r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     out: dict[str, list[tuple[dict[str, str], float]]] = {}
     for family in text_string_to_metric_families(r.text):
@@ -27,13 +27,13 @@ def value(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **l
     raise AssertionError(f"{name}{labels} not in {sorted(samples)}")
 
 
-def test_metrics_follow_the_jobs(server: ServerProc) -> None:
-    before = scrape(server)
+def test_metrics_follow_the_jobs(stack: Any) -> None:
+    before = scrape(stack)
     done_before = value(before, "qwen_edit_jobs", status="completed")
-    pid = server.submit({"prompt": "x", "image": data_uri(png_bytes()), "size": "256*256"}).json()["data"]["id"]
-    assert server.wait(pid)["status"] == "completed"
-    server.result(pid)
-    after = scrape(server)
+    body = {"prompt": "x", "image": data_uri(png_bytes()), "size": "256*256", "enable_sync_mode": True}
+    pid = stack.post(MODEL_URL, json=body, headers=KEY1).json()["data"]["id"]
+    assert stack.get(f"/api/v3/predictions/{pid}/result", headers=KEY1).json()["data"]["status"] == "completed"
+    after = scrape(stack)
     assert value(after, "qwen_edit_jobs", status="completed") == done_before + 1
     assert value(after, "qwen_edit_queue_depth") == 0
     for hist in ("qwen_edit_queue_wait_seconds", "qwen_edit_inference_seconds"):
@@ -51,5 +51,5 @@ def test_metrics_follow_the_jobs(server: ServerProc) -> None:
     )
     assert latency >= 1
     # Raw ids never become label values (route templates only): the label set stays bounded.
-    assert not re.search(pid, httpx.get(server.url + "/metrics").text)
+    assert not re.search(pid, stack.get("/metrics").text)
     assert value(after, "qwen_edit_workers", state="ready") >= 1

@@ -12,9 +12,15 @@ from typing import Any
 import pytest
 
 from server.errors import MediaError
-from server.inputs import fetch_url
-from server.netguard import BlockedDestination, NetGuard, _GuardedSyncBackend, forbidden_reason, guarded_async_client
-from tests.conftest import png_bytes
+from server.media.fetch import fetch_url
+from server.media.netguard import (
+    BlockedDestination,
+    NetGuard,
+    _GuardedSyncBackend,
+    forbidden_reason,
+    guarded_async_client,
+)
+from tests.support import png_bytes
 
 PNG = png_bytes()
 

@@ -12,7 +12,9 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import API_KEY, ServerProc, png_bytes
+from tests.support import API_KEY, ServerProc, png_bytes
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture

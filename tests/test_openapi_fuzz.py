@@ -15,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from tests.conftest import ServerProc, server_env
-from tests.test_ratelimit import wait_live
+from tests.support import ServerProc, server_env, wait_live
+
+pytestmark = pytest.mark.e2e
 
 EXAMPLES = 15
 

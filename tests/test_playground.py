@@ -15,7 +15,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import API_KEY, ServerProc, png_bytes
+from tests.support import API_KEY, ServerProc, png_bytes
+
+pytestmark = pytest.mark.e2e
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -9,8 +9,11 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 
-from tests.conftest import ServerProc, data_uri, png_bytes
+from tests.support import ServerProc, data_uri, png_bytes
+
+pytestmark = pytest.mark.e2e
 
 
 def test_sync_timeout_then_kill_mid_run_and_restart(make_server) -> None:  # type: ignore[no-untyped-def]

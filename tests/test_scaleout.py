@@ -23,17 +23,16 @@ from typing import Any
 import httpx
 import pytest
 
-from server.jobs.models import Job, Status
+from server.jobs.contract import Job, Status
 from server.jobs.store import JobStore
 from server.settings import Settings
 from tests.cluster import Cluster, cluster_env
-from tests.conftest import ServerProc, data_uri, png_bytes
-from tests.pgutil import fresh_database, pg_available
+from tests.support import ServerProc, data_uri, fresh_database, pg_available, png_bytes
 
 N_JOBS = int(os.environ.get("QWEN_EDIT_TEST_SCALEOUT_JOBS", "200"))
 IMAGE = data_uri(png_bytes((64, 64)))
 
-pytestmark = pytest.mark.skipif(not pg_available(), reason="no PostgreSQL on 127.0.0.1:5432")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not pg_available(), reason="no PostgreSQL on 127.0.0.1:5432")]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +62,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Pat
 
 @pytest.fixture(scope="module")
 def store(cluster: Cluster) -> Iterator[JobStore]:
-    s = JobStore(Settings(database_url=cluster.env["QWEN_EDIT_DATABASE_URL"]).resolved_database_url, pool_size=2)
+    s = JobStore.open(Settings(database_url=cluster.env["QWEN_EDIT_DATABASE_URL"]), pool_size=2)
     yield s
     s.close()
 
@@ -230,5 +229,5 @@ def _all_jobs(store: JobStore) -> list[Job]:
 
     from server.jobs.models import jobs
 
-    with store.engine.connect() as conn:
+    with store.db.engine.connect() as conn:
         return [Job.from_row(r) for r in conn.execute(select(jobs)).all()]

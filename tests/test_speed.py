@@ -91,6 +91,7 @@ def test_fp8_is_skipped_on_cpu_with_reason(tiny_models: dict[str, Path]) -> None
     assert "fp8" in report.skipped and "CUDA" in report.skipped["fp8"]
 
 
+@pytest.mark.e2e  # inductor compiles in subprocesses: tens of seconds of C++ builds on a CPU
 def test_regional_compile_runs_on_cpu(tiny_models: dict[str, Path]) -> None:
     pipe, runner = _load(tiny_models["edit"], "edit")
     report = apply_speed(pipe, SpeedConfig(batched_cfg=True, compile=True), "cpu")

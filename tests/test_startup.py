@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
 
 
 def test_bad_model_folder_exits_non_zero_and_never_ready(make_server: Any, tmp_path: Path) -> None:

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from server.settings import Settings
-from server.storage import StorageError
-from server.storage_factory import build_storage, file_url
-from server.storage_s3 import S3Storage, parse_s3_url
-from tests.conftest import ServerProc, data_uri, free_port, png_bytes
+from server.storage.base import StorageError
+from server.storage.factory import build_storage, file_url
+from server.storage.s3 import S3Storage, parse_s3_url
+from tests.support import ServerProc, data_uri, free_port, png_bytes
 
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -111,6 +111,7 @@ def _edit(srv: ServerProc, fmt: str = "png") -> dict[str, Any]:
     return srv.wait(r.json()["data"]["id"])
 
 
+@pytest.mark.e2e
 def test_server_end_to_end_on_s3(make_server: Callable[..., ServerProc], s3_endpoint: str, bucket: str) -> None:
     srv = make_server(**_s3_env(s3_endpoint, bucket))
     # Uploads go to the bucket too, and a job can use one.
@@ -135,6 +136,7 @@ def test_server_end_to_end_on_s3(make_server: Callable[..., ServerProc], s3_endp
     assert not (srv.data_dir / "files" / "outputs").exists()  # nothing written to the local disk
 
 
+@pytest.mark.e2e
 def test_server_presigned_outputs(make_server: Callable[..., ServerProc], s3_endpoint: str, bucket: str) -> None:
     srv = make_server(**_s3_env(s3_endpoint, bucket, QWEN_EDIT_STORAGE_PRESIGN="true"))
     done = _edit(srv, "jpeg")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from server.errors import INTERNAL_ERROR
-from server.jobs.models import Job, Status
+from server.jobs.contract import Job, JobParams, Status
 from server.jobs.store import JobStore, new_id, now_ms
 from server.settings import Settings
 
@@ -21,13 +21,13 @@ VARIANT = "edit"
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'jobs.db'}"
-        s = JobStore(url, run_dir=tmp_path / "run")
+        s = JobStore.at(url, run_dir=tmp_path / "run")
         s.migrate()
         yield s
         s.close()
         return
     pg_url = request.getfixturevalue("pg_url")
-    s = JobStore(Settings(database_url=pg_url).resolved_database_url, pool_size=12)
+    s = JobStore.open(Settings(database_url=pg_url), pool_size=12)
     s.migrate()
     yield s
     s.close()
@@ -48,7 +48,7 @@ def make_job(
         variant=VARIANT,
         status=Status.CREATED,
         input={"prompt": "x"},
-        params={"prompt": "x", "num_inference_steps": 2},
+        params=JobParams(prompt="x", images=(), seed=1, num_inference_steps=2, true_cfg_scale=1.0),
         base_url="http://127.0.0.1",
         output_format="png",
         base64_output=False,
@@ -70,7 +70,7 @@ def expire_lease(store: JobStore, job_id: str) -> None:
 
     from server.jobs.models import jobs
 
-    with store.engine.begin() as conn:
+    with store.db.engine.begin() as conn:
         conn.execute(update(jobs).where(jobs.c.id == job_id).values(lease_expires_at=now_ms() - 1))
 
 
@@ -84,10 +84,10 @@ def test_migrate_twice_is_harmless(store: JobStore) -> None:
 def test_many_processes_migrating_a_new_database_at_once(backend: str, tmp_path: Path) -> None:
     """Replicas and workers start together on an empty database: one creates the schema, the
     others wait for its commit and find it there (none fails with "table already exists")."""
-    from tests.pgutil import fresh_database
+    from tests.support import fresh_database
 
     def race(url: str) -> None:
-        stores = [JobStore(url, pool_size=1) for _ in range(4)]
+        stores = [JobStore.at(url, pool_size=1) for _ in range(4)]
         start = threading.Barrier(len(stores))
         errors: list[BaseException] = []
 
@@ -137,7 +137,6 @@ def test_claim_order_priority_then_age(store: JobStore) -> None:
 def test_claim_only_own_variant(store: JobStore) -> None:
     make_job(store)
     assert store.claim("w", ["edit-plus"], 30) is None
-    assert store.has_queued([VARIANT]) and not store.has_queued(["edit-plus"])
 
 
 def test_claim_compatible_takes_only_same_key_jobs_in_order(store: JobStore) -> None:
@@ -294,18 +293,18 @@ def test_webhook_outbox_claim_and_result(store: JobStore) -> None:
     while claimed is not None and claimed.id != job.id:
         claimed = store.claim("w", [VARIANT], 30)
     assert claimed is not None and claimed.lease_token
-    assert store.claim_webhooks(10, 30) == []  # nothing until the job ends
+    assert store.outbox.claim(10, 30, now_ms()) == []  # nothing until the job ends
     assert store.complete(job.id, claimed.lease_token, ["outputs/a.png"], 5)
-    tasks = store.claim_webhooks(10, 30)
+    tasks = store.outbox.claim(10, 30, now_ms())
     assert [(t.job_id, t.url, t.attempts) for t in tasks] == [(job.id, "http://127.0.0.1:9/hook", 0)]
-    assert store.claim_webhooks(10, 30) == []  # leased: nobody else takes it
-    store.webhook_result(job.id, error="connection refused", retry_at=now_ms() - 1)
-    retry = store.claim_webhooks(10, 30)
+    assert store.outbox.claim(10, 30, now_ms()) == []  # leased: nobody else takes it
+    store.outbox.record(job.id, error="connection refused", retry_at=now_ms() - 1, now=now_ms())
+    retry = store.outbox.claim(10, 30, now_ms())
     assert [t.attempts for t in retry] == [1]
-    store.webhook_result(job.id, error=None, retry_at=None)
-    state = store.webhook_state(job.id)
+    store.outbox.record(job.id, error=None, retry_at=None, now=now_ms())
+    state = store.outbox.state(job.id)
     assert state is not None and state["delivered_at"] is not None and state["attempts"] == 2
-    assert store.claim_webhooks(10, 30) == []
+    assert store.outbox.claim(10, 30, now_ms()) == []
 
 
 def test_concurrent_webhook_claimers_split_the_outbox(store: JobStore) -> None:
@@ -320,7 +319,7 @@ def test_concurrent_webhook_claimers_split_the_outbox(store: JobStore) -> None:
     lock = threading.Lock()
 
     def take() -> None:
-        for t in store.claim_webhooks(5, 30):
+        for t in store.outbox.claim(5, 30, now_ms()):
             with lock:
                 got.append(t.job_id)
 
@@ -340,7 +339,7 @@ def test_meta_value_first_writer_wins(store: JobStore) -> None:
 
     def read(k: int) -> None:
         start.wait()
-        v = store.meta_value("secret", lambda: f"value-{k}-{time.monotonic_ns()}")
+        v = store.workers.meta_value("secret", lambda: f"value-{k}-{time.monotonic_ns()}")
         with lock:
             values.append(v)
 
@@ -350,4 +349,18 @@ def test_meta_value_first_writer_wins(store: JobStore) -> None:
     for t in threads:
         t.join(60)
     assert len(values) == 8 and len(set(values)) == 1
-    assert store.meta_value("secret", lambda: "other") == values[0]
+    assert store.workers.meta_value("secret", lambda: "other") == values[0]
+
+
+def test_an_unreachable_database_is_store_unavailable() -> None:
+    """The driver's errors never leave the store: a refused connection is ``StoreUnavailable``."""
+    from server.errors import StoreUnavailable
+
+    store = JobStore.at("postgresql+psycopg://postgres@127.0.0.1:1/nowhere", pool_size=1)
+    try:
+        with pytest.raises(StoreUnavailable):
+            store.ping()
+        with pytest.raises(StoreUnavailable):
+            store.get("abc")
+    finally:
+        store.close()

@@ -1,4 +1,4 @@
-"""server/supervisor.py's per-slot worker environment, Settings.for_slot for stand-alone workers,
+"""server/worker/supervisor.py's per-slot worker environment, Settings.for_slot for stand-alone workers,
 and `qwen-edit worker --workers N`: one GPU per worker (CUDA_VISIBLE_DEVICES), one variant and one
 stable id per slot, whichever way a worker starts."""
 
@@ -11,11 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-from server.jobs.models import WorkerInfo
+import pytest
+
+from server.jobs.contract import WorkerInfo
 from server.jobs.store import JobStore
 from server.settings import Settings
-from server.supervisor import worker_env
-from tests.conftest import ROOT, server_env
+from server.worker.supervisor import worker_env
+from tests.support import ROOT, server_env
 
 
 def test_one_gpu_per_worker_slot() -> None:
@@ -33,8 +35,8 @@ def test_each_slot_gets_its_variant_and_model() -> None:
     settings = Settings(
         embedded_workers=3,
         variants=["edit-2511", "edit-plus"],
-        models={"edit-2511": "/models/2511", "edit-plus": "/models/plus"},
-        model="/models/edit",
+        weights_by_variant={"edit-2511": "/models/2511", "edit-plus": "/models/plus"},
+        weights="/models/edit",
     )
     envs = [worker_env(settings, slot, {"QWEN_EDIT_MODEL": "/models/edit"}) for slot in range(3)]
     assert [(e["QWEN_EDIT_VARIANT"], e["QWEN_EDIT_MODEL"]) for e in envs] == [
@@ -43,15 +45,17 @@ def test_each_slot_gets_its_variant_and_model() -> None:
         ("edit-2511", "/models/2511"),
     ]
     # A variant with no model configured falls back to the default source (no inherited model).
-    bare = Settings(embedded_workers=2, variants=["edit", "edit-plus"], model="/models/edit")
+    bare = Settings(embedded_workers=2, variants=["edit", "edit-plus"], weights="/models/edit")
     assert "QWEN_EDIT_MODEL" not in worker_env(bare, 1, {"QWEN_EDIT_MODEL": "/models/edit"})
     assert worker_env(bare, 0, {})["QWEN_EDIT_MODEL"] == "/models/edit"
 
 
 def test_stand_alone_worker_takes_its_variant_by_slot() -> None:
-    settings = Settings(variants=["edit", "edit-plus"], models={"edit-plus": "/models/plus"}, model="/models/edit")
-    assert (settings.for_slot(0).variant, settings.for_slot(0).model) == ("edit", "/models/edit")
-    assert (settings.for_slot(1).variant, settings.for_slot(1).model) == ("edit-plus", "/models/plus")
+    settings = Settings(
+        variants=["edit", "edit-plus"], weights_by_variant={"edit-plus": "/models/plus"}, weights="/models/edit"
+    )
+    assert (settings.for_slot(0).variant, settings.for_slot(0).weights) == ("edit", "/models/edit")
+    assert (settings.for_slot(1).variant, settings.for_slot(1).weights) == ("edit-plus", "/models/plus")
     assert settings.for_slot(3).variant == "edit-plus"
     plain = Settings(variant="edit-2511")
     assert plain.for_slot(5) is plain  # no variants list: the worker serves `variant`
@@ -73,6 +77,7 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
+@pytest.mark.e2e
 def test_worker_command_supervises_one_worker_per_gpu(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     """`qwen-edit worker --workers 2`: two slot workers, one GPU and one stable id each, both ready
     in the job store; a worker that dies is restarted; SIGTERM drains them and exits 0."""
@@ -91,16 +96,16 @@ def test_worker_command_supervises_one_worker_per_gpu(tmp_path: Path, tiny_model
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    store = JobStore(Settings(data_dir=tmp_path).resolved_database_url)
+    store = JobStore.open(Settings(data_dir=tmp_path))
     store.migrate()  # alongside the workers' own migrations, as a replica starting with them would
     try:
 
         def ready() -> dict[str, WorkerInfo]:
-            return {w.id: w for w in store.list_workers() if w.state == "ready"}
+            return {w.id: w for w in store.workers.list() if w.state == "ready"}
 
         deadline = time.monotonic() + 180
         while set(ready()) != {"host-a/0", "host-a/1"}:
-            assert proc.poll() is None and time.monotonic() < deadline, store.list_workers()
+            assert proc.poll() is None and time.monotonic() < deadline, store.workers.list()
             time.sleep(0.3)
         children = _children(proc.pid)
         assert len(children) == 2
@@ -113,7 +118,7 @@ def test_worker_command_supervises_one_worker_per_gpu(tmp_path: Path, tiny_model
             time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0
-        assert {w.id: w.state for w in store.list_workers()} == {"host-a/0": "stopped", "host-a/1": "stopped"}
+        assert {w.id: w.state for w in store.workers.list()} == {"host-a/0": "stopped", "host-a/1": "stopped"}
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

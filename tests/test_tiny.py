@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipelines.loader import ModelLoadError, check_model_folder, load_pipeline
 from pipelines.registry import get_variant
 from pipelines.runner import EditInputs, EditRunner
+from tests.support import build_tiny
 from weights.tiny import SPECIAL_TOKENS, build_tiny_model
 
 
@@ -55,3 +57,11 @@ def test_wrong_folder_fails_clearly(tmp_path: Path, tiny_models: dict[str, Path]
         check_model_folder(str(tmp_path), get_variant("edit"))
     with pytest.raises(ModelLoadError, match="QwenImageEditPlusPipeline"):
         check_model_folder(str(tiny_models["edit"]), get_variant("edit-plus"))
+
+
+@pytest.mark.e2e
+def test_cli_builds_a_tiny_model_folder(tmp_path: Path) -> None:
+    """`qwen-edit weights tiny DIR`, as a user runs it, gives a folder the worker loads."""
+    folder = build_tiny(tmp_path / "cli", "edit")
+    assert (folder / "model_index.json").is_file() and (folder / "TINY_MODEL.txt").is_file()
+    check_model_folder(str(folder), get_variant("edit"))

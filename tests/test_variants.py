@@ -12,10 +12,12 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
-from tests.conftest import data_uri, png_bytes
-from tests.lora_util import build_tiny_lora
+from tests.support import build_tiny_lora, data_uri, png_bytes
+
+pytestmark = pytest.mark.e2e
 
 PREFIX = "wavespeed-ai/qwen-image/"
 

@@ -1,4 +1,5 @@
-"""Webhook signing (unit) and delivery end to end, verified the way API.md tells receivers to."""
+"""Webhook signing (unit) and delivery through the app in process (a fake worker ends the jobs, a
+real HTTP receiver on loopback), verified the way API.md tells receivers to."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import httpx
 import pytest
 
-from server.webhooks import backoff_s, sign
-from tests.conftest import ServerProc, data_uri, png_bytes
+from server.api.tasks.webhooks import backoff_s, sign
+from server.jobs.store import JobStore
+from tests.support import KEY1, MODEL_URL, data_uri, png_bytes, wait_for
 
 
 def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
@@ -43,6 +44,7 @@ def test_sign_matches_receiver_check() -> None:
 
 def test_backoff_grows_and_is_capped() -> None:
     assert backoff_s(1) < backoff_s(3) < backoff_s(6)
+    assert 1.6 <= backoff_s(1) <= 2.4 and 3.2 <= backoff_s(2) <= 4.8  # 2 s, then 4 s, jittered by 20 %
     assert backoff_s(50) <= 600 * 1.2
 
 
@@ -82,20 +84,25 @@ def receiver() -> Any:
     rec.httpd.shutdown()
 
 
-def _secret(server: ServerProc) -> str:
-    r = httpx.get(server.url + "/api/v3/webhook/secret", headers=server.headers)
+def _secret(client: Any) -> str:
+    r = client.get("/api/v3/webhook/secret", headers=KEY1)
     assert r.status_code == 200 and r.json()["code"] == 200
     secret: str = r.json()["data"]["secret"]
     assert secret.startswith("whsec_")
-    assert httpx.get(server.url + "/api/v3/webhook/secret").status_code == 401
+    assert client.get("/api/v3/webhook/secret").status_code == 401
     return secret
 
 
-def test_webhook_delivery_completed(server: ServerProc, receiver: Receiver) -> None:
-    secret = _secret(server)
+def submit(client: Any, body: dict[str, Any], hook: str) -> str:
+    r = client.post(MODEL_URL, json=body, headers=KEY1, params={"webhook": hook})
+    assert r.status_code == 200, r.text
+    return str(r.json()["data"]["id"])
+
+
+def test_webhook_delivery_completed(stack: Any, receiver: Receiver) -> None:
+    secret = _secret(stack)
     body = {"prompt": "hooked", "image": data_uri(png_bytes()), "size": "256*256", "seed": 3}
-    r = server.submit(body, params={"webhook": receiver.url})
-    pid = r.json()["data"]["id"]
+    pid = submit(stack, body, receiver.url)
     receiver.wait_calls(1)
     headers, raw = receiver.calls[0]
     assert verify(secret, headers, raw)
@@ -106,8 +113,8 @@ def test_webhook_delivery_completed(server: ServerProc, receiver: Receiver) -> N
     assert payload["id"] == pid and payload["status"] == "completed"
     assert payload["model"] == "wavespeed-ai/qwen-image/edit"
     assert payload["input"]["prompt"] == "hooked" and payload["input"]["seed"] == 3
-    assert payload["input"]["image"].startswith(server.url + "/files/inputs/")  # inline bytes became a link
-    assert len(payload["outputs"]) == 1 and httpx.get(payload["outputs"][0]).status_code == 200
+    assert payload["input"]["image"].startswith("http://testserver/files/inputs/")  # inline bytes became a link
+    assert len(payload["outputs"]) == 1 and stack.get(payload["outputs"][0]).status_code == 200
     assert payload["urls"]["get"].endswith(f"/api/v3/predictions/{pid}/result")
     assert set(payload) >= {
         "id",
@@ -122,27 +129,34 @@ def test_webhook_delivery_completed(server: ServerProc, receiver: Receiver) -> N
     }
 
 
-def test_webhook_delivery_failed_job(server: ServerProc, receiver: Receiver, image_host: tuple) -> None:
-    host, _ = image_host
-    r = server.submit({"prompt": "x", "image": f"{host}/gone.png"}, params={"webhook": receiver.url})
+def test_webhook_delivery_failed_job(stack: Any, receiver: Receiver) -> None:
+    pid = submit(stack, {"prompt": "raise", "image": data_uri(png_bytes()), "size": "256*256"}, receiver.url)
     receiver.wait_calls(1)
     payload = json.loads(receiver.calls[0][1])
-    assert payload["id"] == r.json()["data"]["id"] and payload["status"] == "failed" and payload["error"]
+    assert payload["id"] == pid and payload["status"] == "failed" and payload["error"]
 
 
-def test_webhook_retried_after_receiver_errors(server: ServerProc) -> None:
+@pytest.mark.parametrize("app_settings", [{"webhook_first_retry_s": 0.1}], indirect=True)
+def test_webhook_retried_after_receiver_errors(stack: Any, app_settings: Any) -> None:
     rec = Receiver(fail_first=2)
+    store = JobStore.open(app_settings)
     try:
-        server.submit({"prompt": "x", "image": data_uri(png_bytes()), "size": "256*256"}, params={"webhook": rec.url})
-        rec.wait_calls(3, timeout=60)  # two 500s, then delivered (backoff ~2 s, ~4 s)
-        ids = {h["webhook-id"] for h, _ in rec.calls}
-        assert len(ids) == 1  # the same message, retried
-        time.sleep(1.5)
-        assert len(rec.calls) == 3  # not delivered again after success
+        pid = submit(stack, {"prompt": "x", "image": data_uri(png_bytes()), "size": "256*256"}, rec.url)
+        rec.wait_calls(3, timeout=60)  # two 500s, then delivered (backoff ~0.1 s, ~0.2 s)
+        assert {h["webhook-id"] for h, _ in rec.calls} == {pid}  # the same message, retried
+        # Recorded as delivered: the outbox never hands that row out again.
+        state = wait_for(lambda: (st := store.outbox.state(pid)) and st["delivered_at"] and st, what="delivered")
+        assert state["attempts"] == 3 and len(rec.calls) == 3
     finally:
+        store.close()
         rec.httpd.shutdown()
 
 
-def test_webhook_must_be_http(server: ServerProc) -> None:
-    r = server.submit({"prompt": "x", "image": data_uri(png_bytes())}, params={"webhook": "file:///etc/passwd"})
+def test_webhook_must_be_http(api: Any) -> None:
+    r = api.post(
+        MODEL_URL,
+        json={"prompt": "x", "image": data_uri(png_bytes())},
+        headers=KEY1,
+        params={"webhook": "file:///etc/passwd"},
+    )
     assert r.status_code == 400

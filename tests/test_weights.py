@@ -12,7 +12,7 @@ import pytest
 
 from pipelines.loader import ModelLoadError, check_model_folder, resolve_source
 from pipelines.registry import get_variant
-from tests.conftest import ROOT
+from tests.support import ROOT
 from weights.hub import list_folders, wanted
 from weights.manifest import MANIFEST_NAME, read_manifest, verify_folder, write_manifest
 

@@ -1,4 +1,5 @@
-"""What the routers share: the services built at start-up, and small request helpers."""
+"""What the routes share: the services built at start-up, and the FastAPI dependencies that hand
+them out (``services``, ``caller``) with the request's own base URL."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ from urllib.parse import urlsplit
 from fastapi import Request
 
 from pipelines.registry import endpoints_of, get_variant
-from server.auth import Authenticator
+from server.api.auth import Authenticator
+from server.api.limits import RateLimiter
 from server.jobs.store import JobStore
-from server.ratelimit import RateLimiter
 from server.settings import Settings
-from server.storage import Storage
+from server.storage.base import Storage
 
 if TYPE_CHECKING:
-    from server.uploads import UploadSigner
-    from server.waiter import CompletionWaiter
+    from server.api.render import Renderer
+    from server.api.tasks.waiter import CompletionWaiter
+    from server.api.uploads import UploadSigner
 
 
 @dataclass
@@ -28,12 +30,10 @@ class Services:
     auth: Authenticator
     waiter: CompletionWaiter
     uploads: UploadSigner
+    renderer: Renderer
     webhook_secret: str
     variants: list[str] = field(default_factory=list)
     rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))  # per-key submits/minute
-
-    def settings_variants(self) -> list[str]:
-        return self.variants
 
     def served_models(self) -> str:
         return ", ".join(m for v in self.variants for m in endpoints_of(get_variant(v)))

@@ -61,14 +61,3 @@ UPLOAD_TICKET: dict[str, Any] = {
 
 def error_example(status: int, message: str) -> dict[str, Any]:
     return {"code": status, "message": message, "data": {"error": message}, "error": message}
-
-
-def error_responses(errors: dict[int, tuple[str, str]]) -> dict[int | str, dict[str, Any]]:
-    """``responses=`` for a route: each status with its description and a v3 error-envelope example."""
-    return {
-        status: {
-            "description": description,
-            "content": {"application/json": {"example": error_example(status, message)}},
-        }
-        for status, (description, message) in errors.items()
-    }

@@ -8,7 +8,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
-from server.api.examples import PREDICTION_COMPLETED, PREDICTION_CREATED, PREDICTION_RUNNING, UPLOAD_TICKET
+from server.api.examples import (
+    PREDICTION_COMPLETED,
+    PREDICTION_CREATED,
+    PREDICTION_RUNNING,
+    UPLOAD_TICKET,
+    error_example,
+)
 
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[*xX\u00d7]\s*(\d{1,5})\s*$")  # W*H, WxH or W\u00d7H
 MIN_SIDE, MAX_SIDE = 256, 1536
@@ -128,10 +134,25 @@ class ErrorData(BaseModel):
 
 
 class ErrorEnvelope(BaseModel):
+    """Every HTTP-level error (API.md): the status again in ``code``, the text three times over."""
+
     code: int
     message: str
     data: ErrorData
     error: str
+
+
+def error_responses(errors: dict[int, tuple[str, str]]) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route: each status with its description, the error envelope's schema
+    and an example."""
+    return {
+        status: {
+            "model": ErrorEnvelope,
+            "description": description,
+            "content": {"application/json": {"example": error_example(status, message)}},
+        }
+        for status, (description, message) in errors.items()
+    }
 
 
 class UploadRequest(BaseModel):

@@ -1,31 +1,15 @@
 """The job store's tables (SQLAlchemy Core), shared by SQLite and PostgreSQL.
 
 Times are integer epoch milliseconds: portable across both databases and cheap to compare.
-The schema itself is created and changed only by the Alembic migrations beside this file.
+The schema itself is created and changed only by the Alembic migrations beside this file; the
+typed rows that the processes exchange are in contract.py.
 """
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field
-from typing import Any
-
 from sqlalchemy import JSON, BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table, Text
 
 metadata = MetaData()
-
-
-class Status(enum.StrEnum):
-    """The only four words a client ever sees."""
-
-    CREATED = "created"
-    PROCESSING = "processing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (Status.COMPLETED, Status.FAILED)
 
 
 jobs = Table(
@@ -56,7 +40,7 @@ jobs = Table(
     Column("inference_ms", Integer, nullable=False, default=0),
     Column("webhook_url", Text, nullable=True),
     Column("api_key_id", String(16), nullable=True),
-    # Jobs with equal keys may share one pipeline call (server/batching.py); NULL: never batched.
+    # Jobs with equal keys may share one pipeline call (JobParams.batch_key); NULL: never batched.
     Column("batch_key", String(64), nullable=True),
     Column("created_at", BigInteger, nullable=False),
     Column("started_at", BigInteger, nullable=True),
@@ -103,55 +87,3 @@ meta = Table(
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
-
-
-@dataclass
-class Job:
-    id: str
-    model: str
-    variant: str
-    status: Status
-    input: dict[str, Any]
-    params: dict[str, Any]
-    base_url: str
-    output_format: str
-    base64_output: bool
-    seed: int
-    max_attempts: int
-    created_at: int
-    updated_at: int
-    priority: int = 0
-    outputs: list[str] = field(default_factory=list)
-    error: str = ""
-    error_code: int | None = None
-    attempts: int = 0
-    lease_token: str | None = None
-    lease_owner: str | None = None
-    lease_expires_at: int | None = None
-    cancel_requested: bool = False
-    progress_step: int = 0
-    progress_total: int = 0
-    inference_ms: int = 0
-    webhook_url: str | None = None
-    api_key_id: str | None = None
-    batch_key: str | None = None
-    started_at: int | None = None
-    finished_at: int | None = None
-
-    @classmethod
-    def from_row(cls, row: Any) -> Job:
-        values = dict(row._mapping)
-        values["status"] = Status(values["status"])
-        return cls(**values)
-
-
-@dataclass
-class WorkerInfo:
-    id: str
-    host: str
-    pid: int
-    variant: str
-    state: str
-    detail: str
-    started_at: int
-    heartbeat_at: int

@@ -34,6 +34,9 @@ class Subscription(Protocol):
     def wait(self, timeout: float) -> list[str]:
         """Block up to ``timeout`` seconds; return the payloads received (empty on timeout)."""
 
+    def wake(self) -> None:
+        """Make a ``wait`` in another thread return now (to stop its loop without waiting it out)."""
+
     def close(self) -> None: ...
 
 
@@ -60,6 +63,9 @@ class _SleepSubscription:
     def wait(self, timeout: float) -> list[str]:
         self._closed.wait(timeout)
         return []
+
+    def wake(self) -> None:
+        self._closed.set()
 
     def close(self) -> None:
         self._closed.set()
@@ -124,6 +130,10 @@ class _LocalSubscription:
                 break
         return payloads
 
+    def wake(self) -> None:
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"", str(self.path))
+
     def close(self) -> None:
         self.sock.close()
         with contextlib.suppress(OSError):
@@ -172,6 +182,9 @@ class _PostgresSubscription:
             self._drop()
             self._closed.wait(min(timeout, 1.0))
             return []
+
+    def wake(self) -> None:
+        pass  # notifies() returns within its timeout (0.5 s at most where this is used)
 
     def _drop(self) -> None:
         if self.conn is not None:

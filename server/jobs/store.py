@@ -6,31 +6,36 @@ Every state change is a single guarded statement, so that the same code is corre
     created --claim--> processing --complete--> completed
        ^                   |  \\---fail------> failed
        +----reap/release---+   (a late or duplicate worker's writes match no row: its lease is gone)
+
+``JobStore.open(settings)`` is the one way in for every process; the webhook outbox
+(``store.outbox``) and the worker registry (``store.workers``) share its database.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import secrets
-import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import Connection, case, delete, func, insert, select, text, update
 
-from server.errors import INTERNAL_ERROR
-from server.jobs.models import Job, Status, WorkerInfo, jobs, meta, webhook_deliveries, workers
-from server.jobs.notify import LocalNotifier, Notifier, NullNotifier, PostgresNotifier
+from server.errors import INTERNAL_ERROR, TASK_FAILED
+from server.jobs.contract import IN_FLIGHT, TERMINAL, Job, Status
+from server.jobs.db import Database
+from server.jobs.models import jobs, webhook_deliveries
+from server.jobs.notify import Notifier
+from server.jobs.outbox import WebhookOutbox
+from server.jobs.registry import WorkerRegistry
+
+if TYPE_CHECKING:
+    from server.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-MIGRATIONS = Path(__file__).parent / "migrations"
+_ADMISSION_LOCK = 727002  # PostgreSQL advisory lock id: count-then-insert admissions, one at a time
 
 
 def now_ms() -> int:
@@ -41,154 +46,134 @@ def new_id() -> str:
     return secrets.token_hex(16)
 
 
-@dataclass
+class AdmissionRefused(Exception):
+    """A submit the store turned away (the queue or the key's allowance is full)."""
+
+
+class QueueFull(AdmissionRefused):
+    pass
+
+
+class KeyAtLimit(AdmissionRefused):
+    pass
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Caps checked atomically with the insert (0: no cap)."""
+
+    queue_cap: int = 0
+    per_key: int = 0
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     alive: bool  # False: the lease is gone (reaped, or the job finished elsewhere): stop working on it
     cancel_requested: bool
 
 
-@dataclass
-class WebhookTask:
-    job_id: str
-    url: str
-    attempts: int
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA busy_timeout=30000")
-    # Switching a new database to WAL takes an exclusive lock, and SQLite answers a second process
-    # racing to switch it (an API and its worker starting together) with "database is locked" at
-    # once, without its busy wait. The switch is persistent and quick: retry until it is done.
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            cur.execute("PRAGMA journal_mode=WAL")
-            break
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.close()
+@dataclass(frozen=True)
+class Histogram:
+    count: int
+    sum_ms: int
+    cumulative: tuple[int, ...]  # one count per bucket bound, in order
 
 
 class JobStore:
-    def __init__(self, url: str, *, run_dir: Path | None = None, pool_size: int = 10) -> None:
-        self.url = make_url(url)
-        self.is_sqlite = self.url.get_backend_name() == "sqlite"
-        self.is_postgres = self.url.get_backend_name() == "postgresql"
-        if self.is_sqlite:
-            if self.url.database and self.url.database != ":memory:":
-                Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        else:
-            self.engine = create_engine(
-                url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size, pool_timeout=10
-            )
-        self.notifier: Notifier
-        if self.is_postgres:
-            dsn = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
-            self.notifier = PostgresNotifier(dsn, self._pg_notify)
-        elif run_dir is not None:
-            self.notifier = LocalNotifier(run_dir)
-        else:
-            self.notifier = NullNotifier()
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.outbox = WebhookOutbox(db)
+        self.workers = WorkerRegistry(db)
 
-    def _pg_notify(self, channel: str, payload: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(select(func.pg_notify(channel, payload)))
+    @classmethod
+    def open(cls, settings: Settings, *, pool_size: int = 10) -> JobStore:
+        return cls(Database.open(settings, pool_size=pool_size))
 
-    def _notify(self, channel: str, payload: str = "") -> None:
-        try:
-            self.notifier.publish(channel, payload)
-        except Exception as exc:  # a hint only: waiters poll anyway
-            log.warning("notify failed", channel=channel, error=str(exc))
+    @classmethod
+    def at(cls, url: str, **kwargs: Any) -> JobStore:
+        """A store on a database URL (tools and tests that have no Settings)."""
+        return cls(Database(url, **kwargs))
 
-    def close(self) -> None:
-        self.engine.dispose()
-
-    # --- schema --------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _migration_lock(self, conn: Connection) -> Iterator[None]:
-        """One migrator at a time, held until its migration is committed: the next one then reads
-        the new schema version instead of racing to create the same tables."""
-        if self.is_postgres:
-            # A transaction-level lock: released by the commit (or the rollback), never before.
-            conn.execute(text("SELECT pg_advisory_xact_lock(727001)"))
-            yield
-        elif self.is_sqlite and self.url.database and self.url.database != ":memory:":
-            with open(Path(self.url.database).with_suffix(".migrate.lock"), "w") as fh:
-                fcntl.flock(fh, fcntl.LOCK_EX)
-                yield
-        else:
-            yield
+    @property
+    def notifier(self) -> Notifier:
+        return self.db.notifier
 
     def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision (safe from many processes at once)."""
-        from alembic import command
-        from alembic.config import Config
-
-        cfg = Config()
-        cfg.set_main_option("script_location", str(MIGRATIONS))
-        with self.engine.connect() as conn, self._migration_lock(conn):
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-            conn.commit()
+        self.db.migrate()
 
     def ping(self) -> None:
-        with self.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        self.db.ping()
+
+    def close(self) -> None:
+        self.db.close()
 
     # --- jobs: the API's side ------------------------------------------------------------
 
-    def create(self, job: Job) -> None:
-        values = {k: v for k, v in job.__dict__.items()}
-        values["status"] = job.status.value
-        with self.engine.begin() as conn:
-            conn.execute(insert(jobs).values(**values))
-        self._notify("jobs")
+    def create(self, job: Job, admission: Admission | None = None) -> None:
+        """Store a new job; with ``admission``, only if the caps still hold (checked and inserted
+        in one transaction, so that concurrent submits can never overshoot them)."""
+        with self.db.write() as conn:
+            if admission and (admission.queue_cap or admission.per_key):
+                self._admit(conn, job, admission)
+            conn.execute(insert(jobs).values(**job.to_row()))
+        self.db.publish("jobs")
+
+    def _admit(self, conn: Connection, job: Job, admission: Admission) -> None:
+        if self.db.is_postgres:  # SQLite's BEGIN IMMEDIATE already serialises writers
+            conn.execute(text(f"SELECT pg_advisory_xact_lock({_ADMISSION_LOCK})"))
+        if admission.queue_cap:
+            queued = conn.execute(select(func.count()).select_from(jobs).where(jobs.c.status == Status.CREATED))
+            if int(queued.scalar_one()) >= admission.queue_cap:
+                raise QueueFull(f"the queue holds {admission.queue_cap} jobs")
+        if admission.per_key and self._in_flight(conn, job.api_key_id) >= admission.per_key:
+            raise KeyAtLimit(f"{admission.per_key} jobs in flight")
+
+    @staticmethod
+    def _in_flight(conn: Connection, key_id: str | None) -> int:
+        who = jobs.c.api_key_id.is_(None) if key_id is None else jobs.c.api_key_id == key_id
+        stmt = select(func.count()).select_from(jobs).where(who, jobs.c.status.in_(list(IN_FLIGHT)))
+        return int(conn.execute(stmt).scalar_one())
+
+    def in_flight(self, key_id: str | None) -> int:
+        """Jobs of this API key that are queued or running."""
+        with self.db.read() as conn:
+            return self._in_flight(conn, key_id)
 
     def get(self, job_id: str) -> Job | None:
-        with self.engine.connect() as conn:
+        with self.db.read() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
         return Job.from_row(row) if row else None
 
     def terminal_among(self, ids: Sequence[str]) -> list[str]:
         if not ids:
             return []
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(jobs.c.id).where(jobs.c.id.in_(list(ids)), jobs.c.status.in_([Status.COMPLETED, Status.FAILED]))
-            ).all()
-        return [r[0] for r in rows]
+        with self.db.read() as conn:
+            rows = conn.execute(select(jobs.c.id).where(jobs.c.id.in_(list(ids)), jobs.c.status.in_(list(TERMINAL))))
+            return [r[0] for r in rows]
 
     def count_by_status(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
+        with self.db.read() as conn:
             rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).all()
         counts = {s.value: 0 for s in Status}
         counts.update({status: n for status, n in rows})
         return counts
 
     def queued_count(self) -> int:
-        with self.engine.connect() as conn:
-            return int(
-                conn.execute(select(func.count()).select_from(jobs).where(jobs.c.status == Status.CREATED)).scalar_one()
-            )
+        with self.db.read() as conn:
+            stmt = select(func.count()).select_from(jobs).where(jobs.c.status == Status.CREATED)
+            return int(conn.execute(stmt).scalar_one())
 
     def cancel(self, job_id: str) -> Job | None:
         """Fail a queued job at once; ask a running one to stop at its next step."""
         now = now_ms()
-        with self.engine.begin() as conn:
+        with self.db.write() as conn:
             ended = self._finish(
                 conn,
                 (jobs.c.id == job_id) & (jobs.c.status == Status.CREATED),
                 job_id,
                 Status.FAILED,
                 error="Cancelled by the client before it started.",
-                error_code=1403,
+                error_code=TASK_FAILED,
                 now=now,
             )
             if not ended:
@@ -198,7 +183,7 @@ class JobStore:
                     .values(cancel_requested=True, updated_at=now)
                 )
         if ended:
-            self._notify("done", job_id)
+            self.db.publish("done", job_id)
         return self.get(job_id)
 
     # --- jobs: the worker's side ---------------------------------------------------------
@@ -242,18 +227,10 @@ class JobStore:
             )
             .returning(*jobs.c)
         )
-        with self.engine.begin() as conn:
-            rows = conn.execute(stmt).all()
-        claimed = [Job.from_row(row) for row in rows]
+        with self.db.write() as conn:
+            claimed = [Job.from_row(row) for row in conn.execute(stmt).all()]
         claimed.sort(key=lambda job: (-job.priority, job.created_at, job.id))
         return claimed
-
-    def has_queued(self, variants: Sequence[str]) -> bool:
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                select(jobs.c.id).where(jobs.c.status == Status.CREATED, jobs.c.variant.in_(list(variants))).limit(1)
-            ).first()
-        return row is not None
 
     def heartbeat(
         self, job_id: str, token: str, lease_s: float, step: int | None = None, total: int | None = None
@@ -264,18 +241,21 @@ class JobStore:
             values["progress_step"] = step
         if total is not None:
             values["progress_total"] = total
-        with self.engine.begin() as conn:
+        with self.db.write() as conn:
             row = conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status == Status.PROCESSING)
-                .values(**values)
-                .returning(jobs.c.cancel_requested)
+                update(jobs).where(self._leased(job_id, token)).values(**values).returning(jobs.c.cancel_requested)
             ).first()
         return Heartbeat(alive=row is not None, cancel_requested=bool(row and row[0]))
 
-    def complete(self, job_id: str, token: str, outputs: list[str], inference_ms: int) -> bool:
-        now = now_ms()
-        with self.engine.begin() as conn:
+    def complete(
+        self, job_id: str, token: str, outputs: list[str], inference_ms: int, steps: int | None = None
+    ) -> bool:
+        """End a leased job as completed (all ``steps`` done); False when the lease is gone (the
+        result is not taken)."""
+        progress: dict[str, Any] = {"progress_step": jobs.c.progress_total}
+        if steps is not None:
+            progress = {"progress_step": steps, "progress_total": steps}
+        with self.db.write() as conn:
             done = self._finish(
                 conn,
                 self._leased(job_id, token),
@@ -283,16 +263,15 @@ class JobStore:
                 Status.COMPLETED,
                 outputs=outputs,
                 inference_ms=inference_ms,
-                progress_step=jobs.c.progress_total,
-                now=now,
+                now=now_ms(),
+                **progress,
             )
         if done:
-            self._notify("done", job_id)
+            self.db.publish("done", job_id)
         return done
 
     def fail(self, job_id: str, token: str, error: str, code: int, inference_ms: int = 0) -> bool:
-        now = now_ms()
-        with self.engine.begin() as conn:
+        with self.db.write() as conn:
             done = self._finish(
                 conn,
                 self._leased(job_id, token),
@@ -301,31 +280,22 @@ class JobStore:
                 error=error,
                 error_code=code,
                 inference_ms=inference_ms,
-                now=now,
+                now=now_ms(),
             )
         if done:
-            self._notify("done", job_id)
+            self.db.publish("done", job_id)
         return done
 
     def release(self, job_id: str, token: str) -> bool:
         """Hand a job back to the queue (a worker told to stop), without spending an attempt."""
-        now = now_ms()
-        with self.engine.begin() as conn:
+        with self.db.write() as conn:
             n = conn.execute(
                 update(jobs)
                 .where(self._leased(job_id, token))
-                .values(
-                    status=Status.CREATED,
-                    attempts=jobs.c.attempts - 1,
-                    lease_token=None,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    progress_step=0,
-                    updated_at=now,
-                )
+                .values(attempts=jobs.c.attempts - 1, **self._requeued(now_ms()))
             ).rowcount
         if n:
-            self._notify("jobs")
+            self.db.publish("jobs")
         return bool(n)
 
     def release_owned_by(self, worker_id: str) -> int:
@@ -338,7 +308,7 @@ class JobStore:
 
     def _reap(self, where: Any) -> int:
         now = now_ms()
-        with self.engine.begin() as conn:
+        with self.db.write() as conn:
             expired = conn.execute(select(jobs.c.id, jobs.c.attempts, jobs.c.max_attempts).where(where)).all()
             requeued = 0
             for job_id, attempts, cap in expired:
@@ -354,24 +324,24 @@ class JobStore:
                         now=now,
                     )
                 else:
-                    requeued += conn.execute(
-                        update(jobs)
-                        .where(again)
-                        .values(
-                            status=Status.CREATED,
-                            lease_token=None,
-                            lease_owner=None,
-                            lease_expires_at=None,
-                            progress_step=0,
-                            updated_at=now,
-                        )
-                    ).rowcount
+                    requeued += conn.execute(update(jobs).where(again).values(**self._requeued(now))).rowcount
         if expired:
             log.warning("reaped jobs with expired leases", count=len(expired), requeued=requeued)
-            self._notify("jobs")
+            self.db.publish("jobs")
             for job_id, *_ in expired:
-                self._notify("done", job_id)
+                self.db.publish("done", job_id)
         return len(expired)
+
+    @staticmethod
+    def _requeued(now: int) -> dict[str, Any]:
+        return {
+            "status": Status.CREATED,
+            "lease_token": None,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "progress_step": 0,
+            "updated_at": now,
+        }
 
     @staticmethod
     def _leased(job_id: str, token: str) -> Any:
@@ -396,87 +366,50 @@ class JobStore:
         if row is None:
             return False
         if row[0]:
-            conn.execute(
-                insert(webhook_deliveries).values(
-                    job_id=job_id,
-                    url=row[0],
-                    attempts=0,
-                    next_attempt_at=now,
-                    gave_up=False,
-                    last_error="",
-                    created_at=now,
-                )
-            )
+            self.outbox.enqueue(conn, job_id, row[0], now)
         return True
 
-    # --- webhook outbox ------------------------------------------------------------------
+    # --- retention -----------------------------------------------------------------------
 
-    def claim_webhooks(self, limit: int, lease_s: float) -> list[WebhookTask]:
-        now = now_ms()
-        due = (
-            select(webhook_deliveries.c.job_id)
-            .where(
-                webhook_deliveries.c.delivered_at.is_(None),
-                webhook_deliveries.c.gave_up.is_(False),
-                webhook_deliveries.c.next_attempt_at <= now,
-                (webhook_deliveries.c.lease_expires_at.is_(None)) | (webhook_deliveries.c.lease_expires_at < now),
-            )
-            .order_by(webhook_deliveries.c.next_attempt_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        with self.engine.begin() as conn:
+    def purge_finished(self, older_than_ms: int, limit: int) -> list[Job]:
+        """Delete up to ``limit`` finished jobs that ended before ``older_than_ms`` (and their
+        outbox rows); return them, so that their files can be removed by key."""
+        with self.db.write() as conn:
             rows = conn.execute(
-                update(webhook_deliveries)
-                .where(webhook_deliveries.c.job_id.in_(due))
-                .values(lease_expires_at=now + int(lease_s * 1000))
-                .returning(webhook_deliveries.c.job_id, webhook_deliveries.c.url, webhook_deliveries.c.attempts)
+                select(jobs).where(jobs.c.status.in_(list(TERMINAL)), jobs.c.finished_at < older_than_ms).limit(limit)
             ).all()
-        return [WebhookTask(job_id=r[0], url=r[1], attempts=r[2]) for r in rows]
+            gone = [Job.from_row(row) for row in rows]
+            ids = [job.id for job in gone]
+            if ids:
+                conn.execute(delete(webhook_deliveries).where(webhook_deliveries.c.job_id.in_(ids)))
+                conn.execute(delete(jobs).where(jobs.c.id.in_(ids), jobs.c.status.in_(list(TERMINAL))))
+        return gone
 
-    def webhook_result(self, job_id: str, *, error: str | None, retry_at: int | None) -> None:
-        now = now_ms()
-        values: dict[str, Any] = {"attempts": webhook_deliveries.c.attempts + 1, "lease_expires_at": None}
-        if error is None:
-            values.update(delivered_at=now, last_error="")
-        elif retry_at is None:
-            values.update(gave_up=True, last_error=error)
-        else:
-            values.update(next_attempt_at=retry_at, last_error=error)
-        with self.engine.begin() as conn:
-            conn.execute(update(webhook_deliveries).where(webhook_deliveries.c.job_id == job_id).values(**values))
+    def unfinished_input_keys(self) -> set[str]:
+        """Storage keys that queued and running jobs still need."""
+        with self.db.read() as conn:
+            rows = conn.execute(select(jobs).where(jobs.c.status.in_(list(IN_FLIGHT)))).all()
+        keys: set[str] = set()
+        for row in rows:
+            keys |= Job.from_row(row).params.stored_keys()
+        return keys
 
-    def webhook_state(self, job_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(webhook_deliveries).where(webhook_deliveries.c.job_id == job_id)).first()
-        return dict(row._mapping) if row else None
+    # --- aggregates (metrics) ------------------------------------------------------------
 
-    # --- workers -------------------------------------------------------------------------
+    def queue_wait_histogram(self, bounds_ms: Sequence[int]) -> Histogram:
+        """Submission to start, over the jobs a worker started."""
+        return self._histogram(jobs.c.started_at - jobs.c.created_at, jobs.c.started_at.is_not(None), bounds_ms)
 
-    def worker_state(self, info: WorkerInfo) -> None:
-        values = dict(info.__dict__)
-        with self.engine.begin() as conn:
-            n = conn.execute(update(workers).where(workers.c.id == info.id).values(**values)).rowcount
-            if not n:
-                conn.execute(insert(workers).values(**values))
+    def inference_histogram(self, bounds_ms: Sequence[int]) -> Histogram:
+        """Pipeline time of completed jobs."""
+        return self._histogram(jobs.c.inference_ms, jobs.c.status == Status.COMPLETED, bounds_ms)
 
-    def list_workers(self) -> list[WorkerInfo]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(workers).order_by(workers.c.id)).all()
-        return [WorkerInfo(**dict(r._mapping)) for r in rows]
-
-    # --- meta ----------------------------------------------------------------------------
-
-    def meta_value(self, key: str, factory: Callable[[], str]) -> str:
-        """The stored value of ``key``, created once with ``factory()`` (the first writer wins)."""
-        with self.engine.connect() as conn:
-            row = conn.execute(select(meta.c.value).where(meta.c.key == key)).first()
-        if row:
-            return str(row[0])
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(insert(meta).values(key=key, value=factory()))
-        except Exception:  # another process won the race: read theirs
-            pass
-        with self.engine.connect() as conn:
-            return str(conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar_one())
+    def _histogram(self, expr: Any, where: Any, bounds_ms: Sequence[int]) -> Histogram:
+        # One row: count, sum, then one cumulative count per bucket, aggregated by the database.
+        cols: list[Any] = [func.count(), func.coalesce(func.sum(expr), 0)]
+        cols += [func.coalesce(func.sum(case((expr <= bound, 1), else_=0)), 0) for bound in bounds_ms]
+        with self.db.read() as conn:
+            count, total, *cumulative = (
+                int(v or 0) for v in conn.execute(select(*cols).select_from(jobs).where(where)).one()
+            )
+        return Histogram(count, total, tuple(cumulative))

@@ -1,0 +1,62 @@
+"""Liveness, readiness, Prometheus metrics and the webhook secret."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from server.api.deps import Services, caller, services
+from server.api.schemas import SecretEnvelope, envelope
+from server.errors import ServiceUnavailable, StoreUnavailable
+from server.jobs.contract import WorkerState
+from server.jobs.store import now_ms
+
+router = APIRouter()
+
+
+@router.get("/livez", tags=["ops"], summary="The process is up")
+async def livez() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def readiness(svc: Services) -> dict[str, Any]:
+    svc.store.ping()
+    stale_after = max(15_000, int(svc.settings.lease_s * 1000))
+    now = now_ms()
+    workers = [
+        {"id": w.id, "variant": w.variant, "state": w.state.value, "detail": w.detail}
+        for w in svc.store.workers.list()
+        if now - w.heartbeat_at < stale_after and w.state != WorkerState.STOPPED
+    ]
+    ready = [w for w in workers if w["state"] == WorkerState.READY]
+    return {"ready": bool(ready), "workers": workers, "queued": svc.store.queued_count()}
+
+
+@router.get("/readyz", tags=["ops"], summary="Ready when the job store answers and a worker has its model loaded")
+async def readyz(svc: Services = Depends(services)) -> dict[str, Any]:
+    try:
+        state = await run_in_threadpool(readiness, svc)
+    except StoreUnavailable as exc:
+        raise ServiceUnavailable(f"Job store unavailable: {exc}") from exc
+    if not state["ready"]:
+        detail = "; ".join(f"{w['id']}: {w['state']} {w['detail']}".strip() for w in state["workers"]) or "none running"
+        raise ServiceUnavailable(f"No worker is ready yet ({detail}).", retry_after_s=5)
+    return {"status": "ready", **state}
+
+
+@router.get("/metrics", tags=["ops"], summary="Prometheus metrics (no API key: keep it on a private network)")
+async def metrics(request: Request) -> Response:
+    registry: CollectorRegistry = request.app.state.metrics_registry
+    body = await run_in_threadpool(generate_latest, registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get(
+    "/api/v3/webhook/secret", tags=["webhooks"], response_model=SecretEnvelope, summary="The webhook signing secret"
+)
+async def webhook_secret(svc: Services = Depends(services), _: str | None = Depends(caller)) -> dict[str, Any]:
+    return envelope({"secret": svc.webhook_secret})

@@ -1,0 +1,215 @@
+"""The job contract: what the API writes on a job row and the worker reads back, typed.
+
+Every process that touches a job speaks these frozen types; only the store turns them into rows
+(``to_json``) and back (``from_json``). The stored JSON keeps the shape the first releases wrote, so
+old rows still read:
+
+    params = {"prompt", "images": [{"key": ...} | {"url": ...}], "width", "height", "seed",
+              "num_inference_steps", "true_cfg_scale", "negative_prompt", "loras": [{"path", "scale"}]}
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.registry import Variant
+
+
+class Status(enum.StrEnum):
+    """The only four words a client ever sees."""
+
+    CREATED = "created"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED})
+IN_FLIGHT = frozenset({Status.CREATED, Status.PROCESSING})
+
+
+class WorkerState(enum.StrEnum):
+    """What a worker last said of itself (the ``workers`` table)."""
+
+    LOADING = "loading"  # opening the store, loading and warming up the model
+    READY = "ready"  # claiming and running jobs
+    STOPPED = "stopped"  # exited cleanly
+    FAILED = "failed"  # could not load its model; ``detail`` says why
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """One input image: bytes this server holds (``key`` in storage) or a remote ``url``."""
+
+    key: str | None = None
+    url: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.key is None) == (self.url is None):
+            raise ValueError("an ImageRef is either a storage key or a URL")
+
+    def to_json(self) -> dict[str, str]:
+        return {"key": self.key} if self.key is not None else {"url": str(self.url)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ImageRef:
+        return cls(key=str(data["key"])) if "key" in data else cls(url=str(data["url"]))
+
+
+@dataclass(frozen=True, slots=True)
+class LoraRef:
+    """One LoRA as the client named it: a URL, a file in a LoRA folder, or a Hub file."""
+
+    path: str
+    scale: float = 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "scale": self.scale}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoraRef:
+        return cls(path=str(data["path"]), scale=float(data.get("scale", 1.0)))
+
+
+@dataclass(frozen=True, slots=True)
+class JobParams:
+    """What the worker runs: the resolved seed, sizes, guidance and input references."""
+
+    prompt: str
+    images: tuple[ImageRef, ...]
+    seed: int
+    num_inference_steps: int
+    true_cfg_scale: float
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    loras: tuple[LoraRef, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "images": [ref.to_json() for ref in self.images],
+            "width": self.width,
+            "height": self.height,
+            "seed": self.seed,
+            "num_inference_steps": self.num_inference_steps,
+            "true_cfg_scale": self.true_cfg_scale,
+            "negative_prompt": self.negative_prompt,
+            "loras": [lora.to_json() for lora in self.loras],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobParams:
+        return cls(
+            prompt=str(data.get("prompt", "")),
+            images=tuple(ImageRef.from_json(ref) for ref in data.get("images") or []),
+            seed=int(data.get("seed", 0)),
+            num_inference_steps=int(data.get("num_inference_steps", 1)),
+            true_cfg_scale=float(data.get("true_cfg_scale", 1.0)),
+            negative_prompt=data.get("negative_prompt"),
+            width=data.get("width"),
+            height=data.get("height"),
+            loras=tuple(LoraRef.from_json(lora) for lora in data.get("loras") or []),
+        )
+
+    def stored_keys(self) -> set[str]:
+        """The storage keys of the inputs this job holds (inline images, uploads)."""
+        return {ref.key for ref in self.images if ref.key is not None}
+
+    def batch_key(self, variant: Variant) -> str | None:
+        """A digest of what jobs must share to run in one pipeline call (dynamic batching); None
+        for jobs that always run alone. The worker splits further by what only the decoded inputs
+        tell (the condition size: ``EditRunner.batch_signature``)."""
+        if variant.multi_image or len(self.images) != 1 or self.loras:
+            return None
+        shared = [
+            variant.name,
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            self.true_cfg_scale,
+            self.negative_prompt,
+        ]
+        return hashlib.sha256(json.dumps(shared).encode()).hexdigest()[:32]
+
+
+@dataclass
+class Job:
+    """One prediction, as the store holds it."""
+
+    id: str
+    model: str  # the public model id, e.g. wavespeed-ai/qwen-image/edit
+    variant: str
+    status: Status
+    input: dict[str, Any]  # what the client sent (inline images replaced by links)
+    params: JobParams
+    base_url: str
+    output_format: str
+    base64_output: bool
+    seed: int
+    max_attempts: int
+    created_at: int
+    updated_at: int
+    priority: int = 0
+    outputs: list[str] = field(default_factory=list)
+    error: str = ""
+    error_code: int | None = None
+    attempts: int = 0
+    lease_token: str | None = None
+    lease_owner: str | None = None
+    lease_expires_at: int | None = None
+    cancel_requested: bool = False
+    progress_step: int = 0
+    progress_total: int = 0
+    inference_ms: int = 0
+    webhook_url: str | None = None
+    api_key_id: str | None = None
+    batch_key: str | None = None
+    started_at: int | None = None
+    finished_at: int | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        values["status"] = self.status.value
+        values["params"] = self.params.to_json()
+        return values
+
+    @classmethod
+    def from_row(cls, row: Any) -> Job:
+        values = dict(row._mapping)
+        values["status"] = Status(values["status"])
+        values["params"] = JobParams.from_json(values["params"] or {})
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One row of the worker registry."""
+
+    id: str
+    host: str
+    pid: int
+    variant: str
+    state: WorkerState
+    detail: str
+    started_at: int
+    heartbeat_at: int
+
+    def to_row(self) -> dict[str, Any]:
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        values["state"] = self.state.value
+        return values
+
+    @classmethod
+    def from_row(cls, row: Any) -> WorkerInfo:
+        values = dict(row._mapping)
+        values["state"] = WorkerState(values["state"])
+        return cls(**values)

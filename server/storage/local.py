@@ -1,0 +1,76 @@
+"""Files in a folder on this machine: the embedded default."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from server.storage.base import StorageError
+
+
+class LocalStorage:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        # Keys come from URLs: never let one escape the root (nor crash on a NUL byte).
+        if "\0" in key:
+            raise KeyError(key)
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root) or path == self.root:
+            raise KeyError(key)
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write then rename: a reader never sees half a file, a crash leaves no partial one.
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as exc:
+            raise StorageError(f"could not write {key}: {exc.strerror or exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (OSError, KeyError) as exc:
+            raise FileNotFoundError(key) from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            return self._path(key).is_file()
+        except KeyError:
+            return False
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(OSError, KeyError):
+            self._path(key).unlink()
+
+    def local_path(self, key: str) -> Path | None:
+        try:
+            path = self._path(key)
+        except KeyError:
+            return None
+        return path if path.is_file() else None
+
+    def iter_older_than(self, prefix: str, age_s: float) -> Iterator[str]:
+        cutoff = time.time() - age_s
+        base = self.root / prefix
+        if not base.exists():
+            return
+        for path in base.rglob("*"):
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                yield path.relative_to(self.root).as_posix()

@@ -1,0 +1,154 @@
+"""The worker's claim loop: lease the next job (and, with dynamic batching, compatible ones), hand
+them to the executor, repeat until told to stop; expired leases are reaped on the way.
+
+A stop request drains: no new claims, the job in hand finishes for up to ``worker_drain_s``, then
+it is handed back to the queue. A second request hands it back at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import structlog
+
+from pipelines.registry import Variant
+from server.errors import StoreUnavailable
+from server.jobs.contract import Job, WorkerState
+from server.jobs.notify import Subscription
+from server.jobs.store import JobStore
+from server.settings import Settings
+from server.storage.base import Storage
+from server.worker.execute import Executor, Runner
+from server.worker.heartbeat import Heartbeat, Presence
+from server.worker.runs import RunBoard, RunState
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+class Worker:
+    def __init__(
+        self, settings: Settings, store: JobStore, storage: Storage, variant: Variant, worker_id: str | None = None
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.storage = storage
+        self.variant = variant
+        self.id = worker_id or settings.worker_id or f"{socket.gethostname()}/0"
+        self.board = RunBoard()
+        self.presence = Presence(store, self.id, variant.name)
+        self.heartbeat = Heartbeat(store, self.board, self.presence, settings.lease_s)
+        self.stopping = threading.Event()  # no new claims; the job in hand may finish
+        self.abandon = threading.Event()  # hand the job in hand back now, stop waiting on the store
+        self._sub: Subscription | None = None  # the claim loop's wake-ups
+
+    # --- stopping ------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def on_signal(signum: int, _frame: Any) -> None:
+            if self.stopping.is_set():  # asked twice: hand the job back now
+                self.hand_back()
+                return
+            log.info("worker stopping", signal=signal.Signals(signum).name, drain_s=self.settings.worker_drain_s)
+            self.drain()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def drain(self) -> None:
+        """Stop claiming; finish the job in hand for up to the drain time, then hand it back."""
+        self.stopping.set()
+        if self._sub is not None:
+            self._sub.wake()  # an idle claim loop ends now, not at its next poll
+        timer = threading.Timer(self.settings.worker_drain_s, self.hand_back)
+        timer.daemon = True
+        timer.start()
+
+    def hand_back(self) -> None:
+        """Stop the jobs in hand at their next step and return them to the queue (no attempt spent)."""
+        self.stopping.set()
+        self.abandon.set()
+        self.board.stop_all(RunState.HANDING_BACK)
+
+    # --- serving -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the heartbeat (the registry sees this worker from now on, loading)."""
+        self.presence.set(WorkerState.LOADING)
+        self.heartbeat.start()
+
+    def serve(self, runner: Runner) -> None:
+        """Run jobs until told to stop."""
+        executor = Executor(self.settings, self.store, self.storage, runner, self.board, self.abandon)
+        released = self._retrying(lambda: self.store.release_owned_by(self.id))
+        if released:
+            log.warning("requeued jobs left running by this worker's previous life", count=released)
+        self.presence.set(WorkerState.READY)
+        sub = self._sub = self.store.notifier.subscribe("jobs")
+        last_reap = 0.0
+        parent = os.getppid()
+        try:
+            while not self.stopping.is_set():
+                if time.monotonic() - last_reap > max(1.0, self.settings.lease_s / 4):
+                    last_reap = time.monotonic()
+                    self._safely(self.store.reap)
+                if os.getppid() != parent and parent != 1:
+                    log.warning("parent process died: stopping")
+                    break
+                job = self._safely(lambda: self.store.claim(self.id, [self.variant.name], self.settings.lease_s))
+                if job is None:
+                    sub.wait(self.settings.poll_interval_s)
+                    continue
+                executor.run([job, *self._compatible(job, sub)])
+        finally:
+            sub.close()
+            self.stopping.set()
+            self.heartbeat.stop()
+            self.presence.set(WorkerState.STOPPED)
+
+    def _compatible(self, job: Job, sub: Subscription) -> list[Job]:
+        """Queued jobs that may share ``job``'s pipeline call, waiting up to ``batch_wait_ms`` for them."""
+        size = self.settings.batch_max_size
+        if size <= 1 or job.batch_key is None:
+            return []
+        key = job.batch_key
+        more: list[Job] = []
+        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
+        while len(more) < size - 1:
+            got = self._safely(
+                lambda: self.store.claim_compatible(self.id, key, size - 1 - len(more), self.settings.lease_s)
+            )
+            more.extend(got or [])
+            left = deadline - time.monotonic()
+            if len(more) >= size - 1 or left <= 0 or self.stopping.is_set():
+                break
+            sub.wait(min(left, 0.05))
+        return more
+
+    def _safely(self, fn: Callable[[], T]) -> T | None:
+        """``fn()``, or None while the store is unavailable (after a pause: it may be restarting)."""
+        try:
+            return fn()
+        except StoreUnavailable as exc:
+            log.warning("job store unavailable", error=str(exc))
+            self.stopping.wait(1.0)
+            return None
+
+    def _retrying(self, fn: Callable[[], T]) -> T | None:
+        """``fn()``, retried with backoff while the store is unavailable (None if told to stop first)."""
+        delay = 1.0
+        while not self.stopping.is_set():
+            try:
+                return fn()
+            except StoreUnavailable as exc:
+                log.warning("job store unavailable; retrying", error=str(exc), retry_in_s=delay)
+                self.stopping.wait(delay)
+                delay = min(30.0, delay * 2)
+        return None
