@@ -69,6 +69,11 @@ INTERNAL_ERROR = 5000
 TIMEOUT = 5004  # sync mode: the hold ended, the job goes on
 
 
+def blames_client(code: int) -> bool:
+    """Task codes 14xx: the request was at fault (a 4xx where a door answers synchronously)."""
+    return 1400 <= code < 1500
+
+
 class JobError(Exception):
     """Ends a job as ``failed`` with a v3 task error code and a message meant for the client."""
 

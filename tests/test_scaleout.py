@@ -27,7 +27,7 @@ from server.jobs.contract import Job, Status
 from server.jobs.store import JobStore
 from server.settings import Settings
 from tests.cluster import Cluster, cluster_env
-from tests.support import ServerProc, data_uri, fresh_database, pg_available, png_bytes
+from tests.support import ServerProc, data_uri, fresh_database, pg_available, png_bytes, wait_for
 
 N_JOBS = int(os.environ.get("QWEN_EDIT_TEST_SCALEOUT_JOBS", "200"))
 IMAGE = data_uri(png_bytes((64, 64)))
@@ -143,7 +143,7 @@ def test_worker_stopped_twice_hands_its_job_back(cluster: Cluster, store: JobSto
     running = wait_status(store, pid, {Status.PROCESSING})
     w = worker_of(cluster, running)
     w.signal(signal.SIGTERM)
-    time.sleep(0.5)
+    wait_for(lambda: any(e.get("event") == "worker stopping" for e in w.events()), 30, "the first stop request")
     w.signal(signal.SIGTERM)  # a second request: no draining, hand the job back now
     assert w.proc is not None and w.proc.wait(60) == 0
     assert any(e.get("event") == "stopping: job handed back to the queue" for e in w.events())

@@ -20,9 +20,10 @@ from server.api.limits import RateLimiter
 from server.api.middleware import BodyLimit, JsonByDefault, RequestTimer
 from server.api.render import Renderer
 from server.api.routes import media, openai, ops, playground, predictions
+from server.api.tasks.base import Background
 from server.api.tasks.fanout import DoneFanout
-from server.api.tasks.reaper import Reaper
-from server.api.tasks.retention import RetentionTask
+from server.api.tasks.reaper import reaper_task
+from server.api.tasks.retention import retention_task
 from server.api.tasks.waiter import CompletionWaiter
 from server.api.tasks.webhooks import WebhookDispatcher, new_secret
 from server.api.telemetry import JobStoreCollector, build_registry
@@ -96,13 +97,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fanout.subscribe(dispatcher.wake)
         collector = JobStoreCollector(store)
         app.state.metrics_registry.register(collector)
-        retention = RetentionTask(store, svc.storage, settings.retention_s, settings.retention_interval_s)
-        reaper = Reaper(store, max(1.0, settings.lease_s / 4))
+        tasks: list[Background] = [svc.waiter, dispatcher, reaper_task(store, max(1.0, settings.lease_s / 4))]
+        retention = retention_task(store, svc.storage, settings.retention_s, settings.retention_interval_s)
+        if retention is not None:
+            tasks.append(retention)
         await fanout.start()
-        await svc.waiter.start()
-        await dispatcher.start()
-        retention.start()
-        reaper.start()
+        for task in tasks:
+            task.start()
         # Everything built so far lives as long as the process: out of the collector's sight, a full
         # collection no longer walks it (those were the slowest result polls).
         gc.freeze()
@@ -110,11 +111,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await reaper.stop()
-            await retention.stop()
+            for task in reversed(tasks):
+                await task.stop()
             app.state.metrics_registry.unregister(collector)
-            await dispatcher.stop()
-            await svc.waiter.stop()
             await fanout.stop()
             store.close()
 

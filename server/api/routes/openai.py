@@ -32,7 +32,7 @@ from server.api.deps import Services, caller, services
 from server.api.handlers import OPENAI_PREFIX
 from server.api.schemas import EditRequest
 from server.api.submit import MAX_SEED, Origin, submit
-from server.errors import ApiError, BadRequest, PayloadTooLarge
+from server.errors import ApiError, BadRequest, PayloadTooLarge, blames_client
 from server.jobs.contract import Job, Status
 
 log = structlog.get_logger(__name__)
@@ -129,7 +129,7 @@ async def _finish(job: Job, svc: Services) -> Job:
         )
     if current.status != Status.COMPLETED:
         message = current.error or "The edit failed."
-        raise BadRequest(message) if 1400 <= (current.error_code or 0) < 1500 else ApiError(message)
+        raise BadRequest(message) if blames_client(current.error_code or 0) else ApiError(message)
     return current
 
 

@@ -12,16 +12,14 @@ Queued and running jobs are never touched, whatever their age: an accepted job i
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from dataclasses import dataclass
 
 import structlog
-from starlette.concurrency import run_in_threadpool
 
-from server.errors import StoreUnavailable
+from server.api.tasks.base import Periodic
 from server.jobs.store import JobStore, now_ms
-from server.storage.base import Storage, StorageError
+from server.storage.base import Storage
 
 log = structlog.get_logger(__name__)
 
@@ -67,32 +65,14 @@ def sweep(store: JobStore, storage: Storage, retention_s: float) -> Swept:
     return done
 
 
-class RetentionTask:
-    """Runs ``sweep`` every ``interval_s`` (disabled when ``retention_s`` is 0)."""
+def retention_task(store: JobStore, storage: Storage, retention_s: float, interval_s: float) -> Periodic | None:
+    """A sweep every ``interval_s``; None when retention is off (``retention_s`` 0)."""
+    if retention_s <= 0:
+        return None
 
-    def __init__(self, store: JobStore, storage: Storage, retention_s: float, interval_s: float) -> None:
-        self.store = store
-        self.storage = storage
-        self.retention_s = retention_s
-        self.interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
+    def sweep_and_log() -> None:
+        swept = sweep(store, storage, retention_s)
+        if swept.jobs or swept.files:
+            log.info("retention sweep", jobs_deleted=swept.jobs, files_deleted=swept.files)
 
-    def start(self) -> None:
-        if self.retention_s > 0:
-            self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                swept = await run_in_threadpool(sweep, self.store, self.storage, self.retention_s)
-                if swept.jobs or swept.files:
-                    log.info("retention sweep", jobs_deleted=swept.jobs, files_deleted=swept.files)
-            except (StoreUnavailable, StorageError) as exc:  # restarting: try again next time
-                log.warning("retention sweep failed", error=str(exc))
-            await asyncio.sleep(self.interval_s)
+    return Periodic("retention sweep", interval_s, sweep_and_log, at_start=True)

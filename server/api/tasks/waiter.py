@@ -7,11 +7,11 @@ notifications that never came (another machine, a restart), checking all waiting
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import structlog
 from starlette.concurrency import run_in_threadpool
 
+from server.api.tasks.base import Background
 from server.errors import StoreUnavailable
 from server.jobs.contract import Job
 from server.jobs.store import JobStore
@@ -19,21 +19,12 @@ from server.jobs.store import JobStore
 log = structlog.get_logger(__name__)
 
 
-class CompletionWaiter:
+class CompletionWaiter(Background):
     def __init__(self, store: JobStore, poll_s: float = 1.0) -> None:
+        super().__init__()
         self.store = store
         self.poll_s = poll_s
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._poller: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._poller = asyncio.create_task(self._poll())
-
-    async def stop(self) -> None:
-        if self._poller:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
 
     def wake(self, ids: list[str]) -> None:
         """A fan-out consumer (on the event loop): these jobs ended."""
@@ -42,7 +33,8 @@ class CompletionWaiter:
                 if not fut.done():
                     fut.set_result(None)
 
-    async def _poll(self) -> None:
+    async def run(self) -> None:
+        """The slow poll, for the notifications that never came."""
         while True:
             await asyncio.sleep(self.poll_s)
             if not self._waiters:

@@ -23,6 +23,7 @@ import structlog
 from starlette.concurrency import run_in_threadpool
 
 from server.api.render import Renderer
+from server.api.tasks.base import Background
 from server.errors import StoreUnavailable, first_line
 from server.jobs.outbox import Delivery
 from server.jobs.store import JobStore, now_ms
@@ -51,7 +52,7 @@ def backoff_s(attempt: int, first_s: float = 2.0) -> float:
     return min(600.0, first_s * 2.0 ** (attempt - 1)) * random.uniform(0.8, 1.2)
 
 
-class WebhookDispatcher:
+class WebhookDispatcher(Background):
     def __init__(
         self,
         store: JobStore,
@@ -64,6 +65,7 @@ class WebhookDispatcher:
         first_retry_s: float = 2.0,
         guard: NetGuard | None = None,
     ) -> None:
+        super().__init__()
         self.guard = guard or NetGuard()
         self.store = store
         self.renderer = renderer
@@ -73,22 +75,12 @@ class WebhookDispatcher:
         self.poll_s = poll_s
         self.first_retry_s = first_retry_s
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def wake(self, _ids: list[str] | None = None) -> None:
         """A fan-out consumer: some job ended, a delivery may be due."""
         self._wake.set()
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
+    async def run(self) -> None:
         # SSRF-guarded (server/media/netguard.py): receivers on private networks need QWEN_EDIT_FETCH_ALLOW.
         async with guarded_async_client(self.guard, timeout=self.timeout_s) as client:
             while True:
