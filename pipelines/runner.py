@@ -12,6 +12,7 @@ from typing import Any
 
 from PIL import Image
 
+from pipelines import geometry
 from pipelines.errors import PipelineInputError
 from pipelines.lora import LoraManager, LoraRequest
 from pipelines.registry import Variant
@@ -40,6 +41,9 @@ class EditResult:
     images: list[Image.Image]
     seconds: float  # the pipeline call alone
 
+
+# Plus and 2511 name each input picture in the prompt (diffusers' QwenImageEditPlusPipeline).
+_PLUS_PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 
 # Called after each denoising step with (steps done, total); returning False cancels the run.
 StepCallback = Callable[[int, int], bool]
@@ -80,6 +84,36 @@ class EditRunner:
             raise PipelineInputError("this worker does not load LoRAs")
         if len(inputs.loras) > 3:
             raise PipelineInputError("at most 3 LoRAs")
+        sizes = [image.size for image in inputs.images]
+        geometry.check_images(self.variant, sizes, inputs.width, inputs.height)
+        self.check_prompt_fits(inputs, sizes)
+
+    def prompt_tokens(self, text: str, sizes: list[tuple[int, int]]) -> int:
+        """The length of ``text``'s encoding with these images, as the pipeline encodes it: the
+        template, Qwen2.5-VL's image tokens, minus the template's head that the pipeline drops."""
+        if self.variant.multi_image:
+            pictures = "".join(_PLUS_PICTURE.format(i + 1) for i in range(len(sizes)))
+            text = pictures + text
+        templated = self.pipe.prompt_template_encode.format(text)
+        ids = self.pipe.tokenizer(templated, add_special_tokens=False).input_ids
+        pads = ids.count(self.pipe.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+        vision = geometry.vision_tokens(self.variant, sizes)
+        return len(ids) - pads + vision - int(self.pipe.prompt_template_encode_start_idx)
+
+    def check_prompt_fits(self, inputs: EditInputs, sizes: list[tuple[int, int]]) -> None:
+        """The transformer lays text after the image positions on a 4096-row rotary table, and
+        fails deep inside with a shape mismatch when the encoding runs past it: say so up front."""
+        budget = geometry.text_budget(self.variant, sizes, inputs.width, inputs.height)
+        use_cfg = inputs.true_cfg_scale > 1.0 and inputs.negative_prompt is not None
+        for name, text in (("prompt", inputs.prompt), ("negative_prompt", inputs.negative_prompt if use_cfg else None)):
+            if text is None:
+                continue
+            tokens = self.prompt_tokens(text, sizes)
+            if tokens > budget:
+                raise PipelineInputError(
+                    f"the {name} is too long for this model: it encodes to {tokens} tokens with its image(s), "
+                    f"and at most {budget} fit at this size; shorten it"
+                )
 
     def batch_signature(self, inputs: EditInputs) -> tuple[Any, ...] | None:
         """Runs with equal signatures can share one pipeline call; None: this run must go alone.

@@ -65,11 +65,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     supervisor = WorkerSupervisor(settings, on_fatal)
     supervisor.start()
-    # uvicorn re-raises the SIGTERM/SIGINT it caught once it has shut down; with the default
+    # uvicorn re-raises each SIGTERM/SIGINT it caught once it has shut down; with the default
     # handlers that kills this process before the workers are drained (they then die by
-    # PDEATHSIG mid-job). Ignore the re-raised signal so that supervisor.stop() below runs.
+    # PDEATHSIG mid-job). The first one drains (supervisor.stop() below); any further one hands
+    # the workers' jobs back to the queue now.
+    stop_requests = [0]
+
+    def on_stop_signal(signum: int, _frame: object) -> None:
+        stop_requests[0] += 1
+        if stop_requests[0] > 1:
+            supervisor.hand_back_now()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: log.info("stopping: draining workers", signal=signum))
+        signal.signal(sig, on_stop_signal)
     try:
         uvicorn.run(
             create_app(settings),
@@ -125,9 +133,15 @@ def _supervise_workers(settings: Settings, count: int) -> int:
         log.error("stopping the workers", reason=reason)
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
     supervisor = WorkerSupervisor(settings, on_fatal)
+
+    def on_stop_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            supervisor.hand_back_now()
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_stop_signal)
     supervisor.start()
     while not stop.wait(1.0):
         pass

@@ -53,6 +53,8 @@ class Settings(BaseSettings):
 
     # --- API behaviour -------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Keys that see (read, cancel, list, delete) every key's predictions; each is a valid API key too.
+    admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     auth_disabled: bool = False
     sync_timeout_s: float = Field(120.0, gt=0)
     queue_cap: int = Field(1000, ge=1)
@@ -125,6 +127,15 @@ class Settings(BaseSettings):
     memory_mode: str = "auto"
     quantize: str = "auto"  # auto (fp8 when memory needs it and the GPU has fp8), none, fp8, int8
     lora_cache_size: int = Field(4, ge=1)  # adapters kept loaded per worker (LRU)
+    # Where clients' LoRAs may come from (server/media/loras.py). Local files: only inside these
+    # folders (comma-separated; unset: data_dir/loras). Hub files (owner/repo/file.safetensors): only
+    # with lora_hub. URLs: through the SSRF guard, at most lora_max_bytes, into a download cache of at
+    # most lora_cache_bytes (least recently used files go first).
+    lora_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    lora_hub: bool = False
+    lora_max_bytes: int = Field(2 * 1024**3, gt=0)
+    lora_cache_bytes: int = Field(20 * 1024**3, gt=0)
+    lora_fetch_timeout_s: float = Field(120.0, gt=0)
     # lightning-4 / lightning-8: that many steps, CFG off, FlowMatch shift 3; with lightning_lora
     # (a file, URL or Hub file like lightx2v/Qwen-Image-Lightning/<file>.safetensors) always on.
     preset: Literal["default", "lightning-4", "lightning-8"] = "default"
@@ -134,7 +145,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
-    @field_validator("api_keys", "fetch_allow", mode="before")
+    @field_validator("api_keys", "admin_keys", "fetch_allow", "lora_dirs", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -208,6 +219,10 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_dir(self) -> Path:
         return (self.storage_dir or self.data_dir / "files").resolve()
+
+    @property
+    def resolved_lora_dirs(self) -> list[Path]:
+        return [p.resolve() for p in (self.lora_dirs or [self.data_dir / "loras"])]
 
     @property
     def run_dir(self) -> Path:

@@ -73,6 +73,7 @@ class ServerProc:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    log_dir: Path | None = None  # where its log goes (default: data_dir)
 
     @property
     def url(self) -> str:
@@ -83,7 +84,7 @@ class ServerProc:
         return {"Authorization": f"Bearer {API_KEY}"}
 
     def start(self, wait_ready: bool = True, timeout: float = 120.0) -> ServerProc:
-        self.log_path = self.data_dir / f"server-{int(time.time() * 1000)}.log"
+        self.log_path = (self.log_dir or self.data_dir) / f"server-{int(time.time() * 1000)}.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process
         env = {**os.environ, **self.env, "QWEN_EDIT_PORT": str(self.port)}
@@ -223,6 +224,21 @@ def pg_available() -> bool:
 
 
 @contextlib.contextmanager
+def database_refusing_connections(url: str) -> Iterator[None]:
+    """While inside, the database of ``url`` accepts no connection and has none (a PostgreSQL that
+    is down, for this database only; the server's other databases, other tests', go on)."""
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+    try:
+        yield
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+
+
+@contextlib.contextmanager
 def fresh_database() -> Iterator[str]:
     """Create ``qe_<random>``, yield its URL (postgresql://…), drop it (and its sessions) after."""
     if not pg_available():
@@ -287,6 +303,7 @@ class FakeRunner:
         self.release = threading.Event()
         self.calls: list[Any] = []
         self.batches: list[int] = []
+        self.finished = 0  # runs that returned a result
 
     def batch_signature(self, inputs: Any) -> tuple[Any, ...] | None:
         if len(inputs.images) != 1 or inputs.loras:
@@ -331,6 +348,7 @@ class FakeRunner:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (fake)")
         size = (inputs.width or inputs.images[0].size[0], inputs.height or inputs.images[0].size[1])
         color = (inputs.seed * 37 % 256, inputs.seed * 91 % 256, 128)
+        self.finished += 1
         return EditResult(images=[Image.new("RGB", size, color)], seconds=time.perf_counter() - started + 0.001)
 
 

@@ -216,3 +216,41 @@ def test_sync_mode_that_times_out_answers_5004_and_the_job_goes_on(tmp_path: Any
             assert finished(client, timed_out["id"])["status"] == Status.COMPLETED.value
         finally:
             worker.stop()
+
+
+@pytest.mark.parametrize(
+    "body,fragment",
+    [
+        ({"prompt": "x", "image": data_uri(png_bytes((1, 5000)))}, "too elongated"),
+        ({"prompt": "x", "image": data_uri(png_bytes((5000, 1)))}, "too elongated"),
+        ({"prompt": "\ud800 lone", "image": IMAGE}, "unicode"),
+        ({"prompt": "x", "image": IMAGE, "negative_prompt": "\udfff"}, "unicode"),
+    ],
+)
+def test_inputs_the_pipeline_would_refuse_are_400_at_submit(api: Any, body: dict[str, Any], fragment: str) -> None:
+    r = api.post(MODEL_URL, content=json.dumps(body), headers={**KEY1, "content-type": "application/json"})
+    assert_error(r, 400, fragment)
+
+
+def test_a_stored_input_is_not_derivable_from_an_output_link(stack: Any, app_settings: Any) -> None:
+    pid = submit(stack, {"prompt": "x", "image": IMAGE, "size": "256*256"}).json()["data"]["id"]
+    output = finished(stack, pid)["outputs"][0]
+    store = JobStore.open(app_settings)
+    try:
+        job = store.get(pid)
+    finally:
+        store.close()
+    assert job is not None
+    (key,) = job.params.stored_keys()
+    # The job id is in the output's link; the input's name has a random part of its own.
+    assert pid in output and key.startswith(f"inputs/{pid}/")
+    assert re.fullmatch(rf"inputs/{pid}/0-[A-Za-z0-9_-]{{16}}\.png", key), key
+    assert stack.get(f"/files/inputs/{pid}/0.png").status_code == 404
+
+
+def test_unknown_routes_are_404_and_known_paths_with_other_methods_405(api: Any) -> None:
+    r = api.post("/api/v3/webhook/secret", headers=KEY1)
+    assert_error(r, 405)
+    assert r.headers["allow"] == "GET"
+    assert_error(api.get("/api/v3/models-that-do-not-exist", headers=KEY1), 404, "not found")
+    assert_error(api.delete(f"/api/v3/predictions/{'0' * 32}/result", headers=KEY1), 405)

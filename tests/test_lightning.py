@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipelines.lightning import use_lightning_scheduler
-from pipelines.lora import LoraManager
+from pipelines.lora import LoraManager, LoraRequest
 from pipelines.registry import get_variant
 from pipelines.runner import EditInputs, EditRunner
 from server.settings import Settings
@@ -42,7 +42,7 @@ def test_scheduler_is_a_constant_shift_of_three_whatever_the_size() -> None:
 def test_pinned_lightning_lora_runs_four_steps_without_cfg(tmp_path: Path) -> None:
     pipe = build_tiny_pipeline("edit")
     use_lightning_scheduler(pipe)
-    loras = LoraManager(pipe, tmp_path / "cache")
+    loras = LoraManager(pipe)
     runner = EditRunner(pipe, get_variant("edit"), "cpu", loras)
     settings = Settings(preset="lightning-4")
     inputs = EditInputs(
@@ -60,7 +60,7 @@ def test_pinned_lightning_lora_runs_four_steps_without_cfg(tmp_path: Path) -> No
     base = np.asarray(runner(inputs).images[0], dtype=np.int16)
     assert len(calls) == 4  # one forward a step: CFG off
 
-    loras.pin(str(build_tiny_lora(tmp_path / "lightning")))
+    loras.pin(LoraRequest(str(build_tiny_lora(tmp_path / "lightning"))))
     steps: list[int] = []
     with_lora = np.asarray(runner(inputs, lambda s, t: steps.append(s) is None).images[0], dtype=np.int16)
     assert steps == [0, 1, 2, 3, 4]

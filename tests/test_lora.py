@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.lora import LoraError, LoraManager, LoraRequest, resolve_file
+from pipelines.lora import LoraError, LoraManager, LoraRequest
 from pipelines.registry import get_variant
 from pipelines.runner import EditInputs, EditRunner
 from tests.support import build_tiny_lora
@@ -39,7 +39,7 @@ def lora_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_lora_changes_output_and_unloading_restores_base_exactly(lora_file: Path, tmp_path: Path) -> None:
     pipe = build_tiny_pipeline("edit")
-    manager = LoraManager(pipe, tmp_path / "cache", max_loaded=1)
+    manager = LoraManager(pipe, max_loaded=1)
     runner = EditRunner(pipe, get_variant("edit"), "cpu", manager)
     base = _pixels(runner)
     with_lora = _pixels(runner, [LoraRequest(str(lora_file), 1.0)])
@@ -54,7 +54,7 @@ def test_lora_changes_output_and_unloading_restores_base_exactly(lora_file: Path
 
 def test_lru_evicts_the_oldest_adapter(lora_file: Path, tmp_path: Path) -> None:
     pipe = build_tiny_pipeline("edit")
-    manager = LoraManager(pipe, tmp_path / "cache", max_loaded=1)
+    manager = LoraManager(pipe, max_loaded=1)
     other = tmp_path / "copy.safetensors"
     other.write_bytes(lora_file.read_bytes())
     runner = EditRunner(pipe, get_variant("edit"), "cpu", manager)
@@ -66,11 +66,9 @@ def test_lru_evicts_the_oldest_adapter(lora_file: Path, tmp_path: Path) -> None:
     assert np.array_equal(_pixels(runner), base)
 
 
-def test_bad_references_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(LoraError, match="not a local file"):
-        resolve_file("nowhere.safetensors", tmp_path)
+def test_a_file_that_is_no_lora_is_a_clear_error(tmp_path: Path) -> None:
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
-    manager = LoraManager(build_tiny_pipeline("edit"), tmp_path / "cache")
+    manager = LoraManager(build_tiny_pipeline("edit"))
     with pytest.raises(LoraError, match="could not load LoRA"), manager.applied([LoraRequest(str(junk))]):
         pass

@@ -84,3 +84,46 @@ def test_upload_url_tampered_or_expired_is_403(api: Any, app_settings: Any) -> N
     # The genuine URL still works.
     assert put(query).status_code == 200
     assert api.get(ticket["download_url"]).content == data
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "outputs/" + "a" * 5000,
+        "uploads/" + "/".join(["d"] * 3000),
+        "inputs/" + "b" * 300 + "/x.png",
+        "outputs/%00",
+        "uploads/\u00e9" * 200,
+    ],
+)
+def test_long_or_odd_file_names_are_404_never_500(api: Any, key: str) -> None:
+    for method in ("GET", "HEAD"):
+        r = api.request(method, "/files/" + key)
+        assert r.status_code == 404, (key[:40], r.status_code)
+
+
+def test_head_on_a_file(api: Any) -> None:
+    raw = png_bytes()
+    url = api.post("/api/v3/media/upload/binary", files={"file": ("a.png", raw)}, headers=KEY1).json()["data"][
+        "download_url"
+    ]
+    r = api.head(url)
+    assert r.status_code == 200 and int(r.headers["content-length"]) == len(raw) and r.content == b""
+
+
+def test_a_signed_put_is_good_for_one_upload_of_exactly_its_size(api: Any) -> None:
+    data = png_bytes()
+    ticket = _create_upload(api, len(data))
+    put_url = ticket["upload"]["url"]  # type: ignore[index]
+    short = api.put(put_url, content=data[:-5])
+    assert short.status_code == 400 and "announced" in short.json()["message"]
+    assert api.put(put_url, content=data).status_code == 200  # a refused try does not use it up
+    again = api.put(put_url, content=png_bytes(color=(1, 2, 3)))
+    assert again.status_code == 403 and "already used" in again.json()["message"]
+    assert api.get(ticket["download_url"]).content == data  # the first upload stands
+
+
+def test_an_own_upload_url_with_a_long_name_is_400_not_500(api: Any) -> None:
+    body = {"prompt": "x", "image": "http://testserver/files/uploads/" + "x" * 5000 + ".png"}
+    r = api.post("/api/v3/wavespeed-ai/qwen-image/edit", json=body, headers=KEY1)
+    assert r.status_code == 400, r.text

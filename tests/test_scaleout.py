@@ -206,12 +206,12 @@ def test_api_replica_killed_or_stopped_loses_nothing(cluster: Cluster, store: Jo
     t = threading.Thread(target=sync_call)
     t.start()
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(j.params.get("prompt") == "sync" for j in _all_jobs(store)):
+    while time.monotonic() < deadline and not any(j.params.prompt == "sync" for j in _all_jobs(store)):
         time.sleep(0.05)
     b.kill()  # SIGKILL: a crash, not a shutdown
     t.join(130)
     # The sync job is in the store and finishes without its replica.
-    sync_jobs = [j for j in _all_jobs(store) if j.params.get("prompt") == "sync"]
+    sync_jobs = [j for j in _all_jobs(store) if j.params.prompt == "sync"]
     assert len(sync_jobs) == 1
     ids.append(sync_jobs[0].id)
     # A new replica comes up; then it is stopped gracefully with more work queued.

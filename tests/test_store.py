@@ -364,3 +364,59 @@ def test_an_unreachable_database_is_store_unavailable() -> None:
             store.get("abc")
     finally:
         store.close()
+
+
+def test_the_queue_cap_is_hard_under_concurrent_submits(store: JobStore) -> None:
+    """Count and insert are one transaction: 60 racing submits against a cap of 12 leave 12."""
+    from server.jobs.store import Admission, QueueFull
+
+    cap, tries = 12, 60
+    accepted: list[str] = []
+    refused: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(6)
+
+    def submitter(n: int) -> None:
+        start.wait()
+        for _ in range(n):
+            t = now_ms()
+            job = Job(
+                id=new_id(),
+                model="wavespeed-ai/qwen-image/edit",
+                variant=VARIANT,
+                status=Status.CREATED,
+                input={},
+                params=JobParams(prompt="x", images=(), seed=1, num_inference_steps=1, true_cfg_scale=1.0),
+                base_url="",
+                output_format="png",
+                base64_output=False,
+                seed=1,
+                max_attempts=1,
+                created_at=t,
+                updated_at=t,
+                api_key_id="k",
+            )
+            try:
+                store.create(job, Admission(queue_cap=cap))
+                with lock:
+                    accepted.append(job.id)
+            except QueueFull:
+                with lock:
+                    refused.append(1)
+
+    threads = [threading.Thread(target=submitter, args=(tries // 6,)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(accepted) == cap and len(refused) == tries - cap
+    assert store.queued_count() == cap
+
+
+def test_the_per_key_cap_is_checked_with_the_insert(store: JobStore) -> None:
+    from server.jobs.store import Admission, KeyAtLimit
+
+    make_job(store)  # api_key_id None: the anonymous caller's
+    with pytest.raises(KeyAtLimit):
+        store.create(Job(**{**make_job(store).__dict__, "id": new_id()}), Admission(queue_cap=100, per_key=2))
+    assert store.in_flight(None) == 2

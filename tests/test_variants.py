@@ -37,13 +37,16 @@ def _run(srv: Any, model: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_every_endpoint_on_its_variant(make_server: Any, tiny_family: dict[str, Path], tmp_path: Path) -> None:
-    lora = build_tiny_lora(tmp_path / "lora")
+    folder = tmp_path / "loras"  # the server's LoRA folder: clients name files inside it
+    build_tiny_lora(folder / "edit")
+    lora = "edit/tiny_lora.safetensors"
     models = ",".join(f"{v}={p}" for v, p in tiny_family.items())
     srv = make_server(
         QWEN_EDIT_VARIANTS="edit,edit-plus,edit-2511",
         QWEN_EDIT_MODELS=models,
         QWEN_EDIT_EMBEDDED_WORKERS="3",
         QWEN_EDIT_WARMUP="false",
+        QWEN_EDIT_LORA_DIRS=str(folder),
     )
     img = data_uri(png_bytes())
     img2 = data_uri(png_bytes(color=(10, 200, 10)))
@@ -51,7 +54,7 @@ def test_every_endpoint_on_its_variant(make_server: Any, tiny_family: dict[str, 
     edit = _pixels(_run(srv, "edit", {"image": img}))
     # The -lora endpoint without loras is the base model; with the LoRA it differs.
     assert np.array_equal(_pixels(_run(srv, "edit-lora", {"image": img})), edit)
-    with_lora = _pixels(_run(srv, "edit-lora", {"image": img, "loras": [{"path": str(lora), "scale": 1.0}]}))
+    with_lora = _pixels(_run(srv, "edit-lora", {"image": img, "loras": [{"path": lora, "scale": 1.0}]}))
     assert np.abs(with_lora - edit).max() > 0
     # Unloaded after the job: the next base job gives the base pixels again.
     assert np.array_equal(_pixels(_run(srv, "edit", {"image": img})), edit)
@@ -59,23 +62,20 @@ def test_every_endpoint_on_its_variant(make_server: Any, tiny_family: dict[str, 
     plus = _pixels(_run(srv, "edit-plus", {"images": [img, img2]}))
     assert plus.shape == (256, 256, 3)
     assert _pixels(_run(srv, "edit-2511", {"images": [img, img2, img]})).shape == (256, 256, 3)
-    plus_lora = _lora_for(tiny_family, tmp_path, "edit-plus")
+    plus_lora = str(build_tiny_lora(folder / "plus", "edit-plus").relative_to(folder))
     changed = _pixels(_run(srv, "edit-plus-lora", {"images": [img, img2], "loras": [{"path": plus_lora, "scale": 2}]}))
     assert np.abs(changed - plus).max() > 0
     _pixels(_run(srv, "edit-2511-lora", {"images": [img], "loras": [{"path": plus_lora, "scale": 0.5}]}))
 
-    # Bad LoRA references fail the job clearly (1401), and the worker keeps serving.
-    bad = _run(srv, "edit-lora", {"image": img, "loras": [{"path": str(tmp_path / "none.safetensors")}]})
-    assert bad["status"] == "failed" and "not a local file" in bad["error"] and bad["code"] == 1401
+    # A LoRA outside the folders, or not in them, is a 400 with one and the same message.
+    for path in ("none.safetensors", str(tmp_path / "elsewhere.safetensors"), "../loras/edit/tiny_lora.safetensors"):
+        r = srv.submit({"prompt": "x", "image": img, "loras": [{"path": path}]}, model=PREFIX + "edit-lora")
+        assert r.status_code == 400 and "is not one this server offers" in r.json()["message"], r.text
     # loras on a non-lora endpoint, and too many images, are 400s.
-    r = srv.submit({"prompt": "x", "image": img, "loras": [{"path": str(lora)}]}, model=PREFIX + "edit")
+    r = srv.submit({"prompt": "x", "image": img, "loras": [{"path": lora}]}, model=PREFIX + "edit")
     assert r.status_code == 400 and "-lora endpoints" in r.json()["message"]
     r = srv.submit({"prompt": "x", "images": [img] * 4}, model=PREFIX + "edit-plus")
     assert r.status_code == 400
-
-
-def _lora_for(tiny_family: dict[str, Path], tmp_path: Path, variant: str) -> str:
-    return str(build_tiny_lora(tmp_path / f"lora-{variant}", variant))
 
 
 def test_unconfigured_variant_is_404(make_server: Any) -> None:

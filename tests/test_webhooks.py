@@ -160,3 +160,61 @@ def test_webhook_must_be_http(api: Any) -> None:
         params={"webhook": "file:///etc/passwd"},
     )
     assert r.status_code == 400
+
+
+def _finished_job_with_webhook(store: JobStore, url: str) -> str:
+    """A finished job whose webhook sits in the outbox, written straight into the store (as a URL
+    accepted by an older release, or inserted by hand, would be)."""
+    from server.jobs.contract import Job, JobParams, Status
+    from server.jobs.store import new_id, now_ms
+
+    now = now_ms()
+    job = Job(
+        id=new_id(),
+        model="wavespeed-ai/qwen-image/edit",
+        variant="poison",  # a variant no worker claims: this test's own
+        status=Status.CREATED,
+        input={"prompt": "x"},
+        params=JobParams(prompt="x", images=(), seed=1, num_inference_steps=1, true_cfg_scale=1.0),
+        base_url="http://testserver",
+        output_format="png",
+        base64_output=False,
+        seed=1,
+        max_attempts=3,
+        created_at=now,
+        updated_at=now,
+        webhook_url=url,
+    )
+    store.create(job)
+    claimed = store.claim("test", ["poison"], 30)
+    assert claimed is not None and claimed.lease_token and store.complete(job.id, claimed.lease_token, [], 1)
+    return job.id
+
+
+@pytest.mark.parametrize("poison", ["http://0177.0.0.1:9/x", "http://exa mple.com/", "http://[::1/x", "not a url"])
+def test_a_poison_row_never_stops_other_deliveries_before_or_after_a_restart(
+    app_settings: Any, fake_runner: Any, receiver: Receiver, poison: str
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from server.api.app import create_app
+    from tests.support import ThreadWorker
+
+    store = JobStore.open(app_settings)
+    store.migrate()
+    bad = _finished_job_with_webhook(store, poison)
+    body = {"prompt": "x", "image": data_uri(png_bytes()), "size": "256*256"}
+    try:
+        for life in range(2):  # the server's first life, then a restart on the same store
+            with TestClient(create_app(app_settings)) as client:
+                worker = ThreadWorker(app_settings, fake_runner).start()
+                try:
+                    pid = submit(client, body, receiver.url)
+                    wait_for(lambda pid=pid: any(h["webhook-id"] == pid for h, _ in receiver.calls), what="delivery")
+                finally:
+                    worker.stop()
+            state = store.outbox.state(bad)
+            assert state is not None and state["attempts"] >= 1 and state["last_error"], (life, state)
+            assert state["delivered_at"] is None
+    finally:
+        store.close()

@@ -165,3 +165,34 @@ def test_run_states_never_weaken_and_settle_once() -> None:
     assert run.settle() is RunState.LEASE_LOST and run.settle() is None
     run.stop(RunState.CANCEL_REQUESTED)
     assert run.settled and not run.stopping
+
+
+def test_a_store_outage_never_kills_the_worker_or_the_api(tmp_path: Any, pg_url: str) -> None:
+    """PostgreSQL refuses every connection while a job runs: the API answers 503 meanwhile, the
+    worker finishes the run and keeps its output until the store is back, then the job completes
+    and both go on as if nothing happened."""
+    from fastapi.testclient import TestClient
+
+    from server.api.app import create_app
+    from tests.support import database_refusing_connections, settings_for
+
+    settings = settings_for(tmp_path / "data", database_url=pg_url, lease_s=30.0)
+    runner = FakeRunner(slow_step_s=0.2)
+    with TestClient(create_app(settings)) as client:
+        worker = ThreadWorker(settings, runner).start()
+        try:
+            pid = submit(client, "slow", num_inference_steps=5)
+            wait_status(worker.store, pid, {Status.PROCESSING})
+            with database_refusing_connections(pg_url):
+                wait_for(lambda: runner.finished == 1, what="the run to end while the store is down")
+                assert client.get("/readyz").status_code == 503
+                r = client.get(f"/api/v3/predictions/{pid}/result", headers=KEY1)
+                assert r.status_code == 503 and r.json()["code"] == 503
+                assert worker.thread.is_alive() and worker.worker.board.unsettled()  # the result waits
+            done = finished(client, pid)
+            assert done["status"] == "completed" and len(done["outputs"]) == 1
+            assert client.get(done["outputs"][0]).status_code == 200
+            assert finished(client, submit(client, "after the outage"))["status"] == "completed"
+            assert worker.thread.is_alive()
+        finally:
+            worker.stop()

@@ -20,12 +20,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import ServerProc, data_uri, png_bytes, server_env
+from tests.support import ServerProc, data_uri, png_bytes, server_env, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
-def _mount_tmpfs(path: Path) -> str | None:
+def _mount_tmpfs(path: Path, size: str = "32m") -> str | None:
     """Mount a small tmpfs (a disk that fills up); None when mounting is not permitted.
 
     Roomy enough for the outputs of every test in this module before the full-disk test fills it.
@@ -33,7 +33,10 @@ def _mount_tmpfs(path: Path) -> str | None:
     path.mkdir(parents=True, exist_ok=True)
     try:
         proc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(path)], capture_output=True, text=True, timeout=20
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"mount unavailable: {exc}"
@@ -154,3 +157,68 @@ def test_graceful_shutdown_drains_and_loses_nothing(faulty: ServerProc) -> None:
     faulty.start()
     for pid in ids:
         assert faulty.wait(pid)["status"] == "completed"
+
+
+def test_a_full_disk_under_the_job_store_never_kills_the_worker(tmp_path: Path, tiny_models: dict[str, Any]) -> None:
+    """SQLite's disk fills while a job runs: the worker keeps its finished output and retries the
+    write, readiness says 503 meanwhile, and once there is room again the job completes, served by
+    the same worker process, the server never stopped."""
+    data = tmp_path / "small-disk"
+    why_not = _mount_tmpfs(data, "24m")
+    if why_not:
+        pytest.skip(why_not)
+    env = server_env(
+        data,
+        tiny_models["edit"],
+        QWEN_EDIT_LOG_JSON="true",
+        QWEN_EDIT_STORAGE_DIR=str(tmp_path / "files"),  # outputs elsewhere: only the store's disk fills
+        QWEN_EDIT_LEASE_S="120",
+    )
+    srv = ServerProc(data_dir=data, env=env, log_dir=tmp_path)  # the log must not fill up with the disk
+    try:
+        srv.start()
+        pid = submit(srv, "a long one", num_inference_steps=30)
+        wait_for(lambda: srv.result(pid).get("progress", {}).get("step", 0) >= 1, 60, "the job mid-run")
+        worker = _worker_pid(srv, pid)
+        filler = _fill(data)
+        try:
+            wait_for(lambda: "will retry the write" in srv.log(), 180, "the worker retrying its write")
+            wait_for(lambda: httpx.get(srv.url + "/readyz", timeout=10).status_code == 503, 30, "readiness 503")
+            assert srv.proc is not None and srv.proc.poll() is None
+        finally:
+            filler.unlink(missing_ok=True)
+        done = srv.wait(pid, timeout=120)
+        assert done["status"] == "completed" and len(done["outputs"]) == 1, done
+        assert httpx.get(done["outputs"][0], timeout=10).status_code == 200
+        wait_for(lambda: httpx.get(srv.url + "/readyz", timeout=10).status_code == 200, 60, "ready again")
+        with sqlite3.connect(data / "jobs.db") as db:
+            (attempts,) = db.execute("SELECT attempts FROM jobs WHERE id = ?", (pid,)).fetchone()
+            pids = [row[0] for row in db.execute("SELECT pid FROM workers")]
+        assert attempts == 1 and pids == [worker]  # the same run's output, the same worker process
+        assert "keeps dying" not in srv.log() and "worker exited" not in srv.log()
+    finally:
+        srv.stop()
+        subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+@pytest.mark.parametrize(
+    "sig,direct",
+    [
+        (signal.SIGINT, False),  # Ctrl-C in a terminal: the whole foreground process group
+        (signal.SIGTERM, True),  # systemd's default KillMode: every process of the unit, workers too
+    ],
+)
+def test_a_signal_to_the_whole_group_drains_like_one_to_serve(make_server: Any, sig: int, direct: bool) -> None:
+    srv: ServerProc = make_server(QWEN_EDIT_LOG_JSON="true", QWEN_EDIT_WORKER_DRAIN_S="300")
+    pid = submit(srv, "a long one", num_inference_steps=20)
+    wait_for(lambda: srv.result(pid).get("progress", {}).get("step", 0) >= 1, 60, "the job mid-run")
+    worker = _worker_pid(srv, pid)
+    assert srv.proc is not None
+    os.killpg(srv.proc.pid, sig)
+    if direct:
+        os.kill(worker, sig)
+    assert srv.proc.wait(180) == 0, srv.log()
+    with sqlite3.connect(srv.data_dir / "jobs.db") as db:
+        status, attempts = db.execute("SELECT status, attempts FROM jobs WHERE id = ?", (pid,)).fetchone()
+    assert (status, attempts) == ("completed", 1), srv.log()  # drained: finished, not handed back
+    assert "handed back" not in srv.log()

@@ -58,6 +58,8 @@ def api_keys(settings: Settings, store: JobStore) -> list[str]:
 def build_services(settings: Settings, store: JobStore) -> Services:
     store.migrate()
     storage = build_storage(settings)
+    if not settings.lora_dirs:  # the embedded default's LoRA folder: there to fill, and to check against
+        (settings.data_dir / "loras").mkdir(parents=True, exist_ok=True)
     secret = settings.webhook_secret or store.workers.meta_value("webhook_secret", new_secret)
     signing_key = store.workers.meta_value("upload_signing_key", lambda: secrets.token_hex(32))
     return Services(
@@ -66,7 +68,7 @@ def build_services(settings: Settings, store: JobStore) -> Services:
         storage=storage,
         auth=Authenticator(settings, api_keys(settings, store)),
         waiter=CompletionWaiter(store, poll_s=settings.poll_interval_s),
-        uploads=UploadSigner(bytes.fromhex(signing_key), settings.upload_ttl_s),
+        upload_signer=UploadSigner(bytes.fromhex(signing_key), settings.upload_ttl_s),
         renderer=Renderer(storage, settings),
         webhook_secret=secret,
         variants=settings.served_variants,
@@ -132,8 +134,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(playground.router)
     playground.mount_static(app)
-    # Last: it answers POSTs to model ids we do not serve, after every real route had its chance.
-    app.include_router(predictions.fallback_router)
     app.add_middleware(JsonByDefault)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestTimer, histogram=latency)

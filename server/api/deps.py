@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from pipelines.registry import endpoints_of, get_variant
-from server.api.auth import Authenticator
+from server.api.auth import Authenticator, Caller
 from server.api.limits import RateLimiter
 from server.jobs.store import JobStore
 from server.settings import Settings
@@ -29,7 +30,7 @@ class Services:
     storage: Storage
     auth: Authenticator
     waiter: CompletionWaiter
-    uploads: UploadSigner
+    upload_signer: UploadSigner
     renderer: Renderer
     webhook_secret: str
     variants: list[str] = field(default_factory=list)
@@ -53,8 +54,12 @@ async def services(request: Request) -> Services:
     return svc
 
 
-async def caller(request: Request) -> str | None:
-    """FastAPI dependency: authenticate the request (no I/O), return the caller's key id."""
+# Declared so that /openapi.json states the scheme; the check itself (and its 401) is Authenticator's.
+_bearer = HTTPBearer(auto_error=False, description="An API key of this server (QWEN_EDIT_API_KEYS).")
+
+
+async def caller(request: Request, _: HTTPAuthorizationCredentials | None = Security(_bearer)) -> Caller:
+    """FastAPI dependency: authenticate the request (no I/O), return the caller."""
     svc: Services = request.app.state.services
     return svc.auth(request)
 

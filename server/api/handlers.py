@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api.submit import unknown_path_message
 from server.errors import ApiError, StoreUnavailable, first_line
 from server.storage.base import StorageError
 
@@ -68,9 +69,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # No route matched (404), or the path exists with other methods (405, with Allow).
         message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
         if exc.status_code == 404 and message == "Not Found":
-            message = "Not found."
+            try:
+                message = unknown_path_message(request)
+            except ApiError as refusal:  # no key: the 401 comes first
+                return error_response(refusal.status_code, refusal.message, refusal.headers, request)
         return error_response(exc.status_code, message, dict(exc.headers or {}), request)
 
     @app.exception_handler(StoreUnavailable)

@@ -1,4 +1,6 @@
-"""Request and response models of the v3 wire contract (../shared/API.md)."""
+"""Request and response models of the v3 wire contract (docs/API.md). What the validators check is
+stated in the schema too (lengths, ranges, patterns), so that /openapi.json describes exactly the
+requests that are accepted, as far as JSON Schema can say it."""
 
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ from server.api.examples import (
 
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[*xX\u00d7]\s*(\d{1,5})\s*$")  # W*H, WxH or W\u00d7H
 MIN_SIDE, MAX_SIDE = 256, 1536
+# 256..1536 as a regular expression, for the schema (the validator gives the friendlier message).
+_SIDE = r"(?:25[6-9]|2[6-9][0-9]|[3-9][0-9][0-9]|1[0-4][0-9][0-9]|15[0-2][0-9]|153[0-6])"
+SIZE_PATTERN = rf"^\s*{_SIDE}\s*[*xX\u00d7]\s*{_SIDE}\s*$"
+MAX_PROMPT_CHARS = 4000  # the schema's bound; QWEN_EDIT_MAX_PROMPT_CHARS may lower it
 
 
 def parse_size(value: str) -> tuple[int, int]:
@@ -57,7 +63,15 @@ class EditRequest(BaseModel):
         },
     )
 
-    prompt: Annotated[str, Field(description="The edit instruction.")]
+    prompt: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=MAX_PROMPT_CHARS,
+            description="The edit instruction.",
+            json_schema_extra={"pattern": r"\S"},  # not only whitespace
+        ),
+    ]
     image: Annotated[
         str | None,
         Field(description="http(s) URL, data:image/...;base64 URI, bare base64, or an upload's download_url."),
@@ -65,16 +79,20 @@ class EditRequest(BaseModel):
     images: Annotated[
         list[str] | None, Field(description="Edit-Plus and 2511: up to 3 input images, same forms as `image`.")
     ] = None
-    size: Annotated[str | None, Field(description="Output 'W*H', 256..1536 each side. Default: follow the input.")] = (
-        None
-    )
+    size: Annotated[
+        str | None,
+        Field(
+            description="Output 'W*H', 256..1536 each side. Default: follow the input.",
+            json_schema_extra={"pattern": SIZE_PATTERN},
+        ),
+    ] = None
     seed: Annotated[int, Field(ge=-1, le=2147483647, description="-1 draws a random seed.")] = -1
     output_format: Literal["jpeg", "png", "webp"] = "jpeg"
     enable_base64_output: StrictBool = False
     enable_sync_mode: StrictBool = False
     loras: Annotated[list[LoraSpec] | None, Field(max_length=3, description="-lora endpoints: up to 3.")] = None
     # Not exposed by the hosted API: server defaults apply unless the operator allows overrides.
-    negative_prompt: Annotated[str | None, Field(max_length=4000)] = None
+    negative_prompt: Annotated[str | None, Field(max_length=MAX_PROMPT_CHARS)] = None
     num_inference_steps: Annotated[int | None, Field(ge=1, le=200)] = None
     true_cfg_scale: Annotated[float | None, Field(ge=1.0, le=20.0)] = None
 
@@ -83,7 +101,12 @@ class EditRequest(BaseModel):
     def _prompt(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt must not be empty")
-        return value
+        return _unicode(value, "prompt")
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt(cls, value: str | None) -> str | None:
+        return None if value is None else _unicode(value, "negative_prompt")
 
     @field_validator("size")
     @classmethod
@@ -91,6 +114,15 @@ class EditRequest(BaseModel):
         if value is not None:
             parse_size(value)
         return value
+
+
+def _unicode(value: str, name: str) -> str:
+    """JSON can carry lone surrogates (``"\\ud800"``) that no tokenizer can encode: refuse them here."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
+    return value
 
 
 class Timings(BaseModel):

@@ -19,7 +19,10 @@ import structlog
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
+from pipelines import geometry
+from pipelines.errors import PipelineInputError
 from pipelines.registry import Endpoint, endpoint_for, endpoints_of
+from server.api.auth import Caller
 from server.api.deps import Services, base_url
 from server.api.limits import queue_full, too_many_in_flight
 from server.api.schemas import EditRequest, parse_size
@@ -27,6 +30,7 @@ from server.errors import BadRequest, NotFound
 from server.jobs.contract import ImageRef, Job, JobParams, LoraRef, Status
 from server.jobs.store import Admission, KeyAtLimit, QueueFull, new_id, now_ms
 from server.media.images import ImageLimits
+from server.media.loras import check_at_submit as check_loras
 from server.media.netguard import BlockedDestination, NetGuard
 from server.media.references import MAX_URL_CHARS, to_reference
 
@@ -41,17 +45,17 @@ class Origin:
 
     base: str  # the base URL of the links we hand out
     own_origins: frozenset[str]  # scheme://host[:port] of this server, to recognise its own links
-    key_id: str | None  # the caller's API key (a digest)
+    caller: Caller
 
     @classmethod
-    def of(cls, request: Request, svc: Services, key_id: str | None) -> Origin:
-        return cls(base_url(request, svc.settings), frozenset(svc.own_origins(request)), key_id)
+    def of(cls, request: Request, svc: Services, caller: Caller) -> Origin:
+        return cls(base_url(request, svc.settings), frozenset(svc.own_origins(request)), caller)
 
 
 async def submit(svc: Services, model: str, body: EditRequest, origin: Origin, webhook: str | None = None) -> Job:
     """Validate, build and store one job."""
     endpoint = resolve_endpoint(model, svc)
-    svc.rate_limiter.check(origin.key_id)
+    svc.rate_limiter.check(origin.caller.key_id)
     # One trip to a worker thread for the rest: image decoding and storing, then the row.
     job = await run_in_threadpool(_admit, svc, endpoint, body, origin, webhook)
     log.info("prediction created", prediction_id=job.id, model=job.model, sync=body.enable_sync_mode)
@@ -70,6 +74,17 @@ def resolve_endpoint(model: str, svc: Services) -> Endpoint:
             f"Served: {svc.served_models()}."
         )
     return endpoint
+
+
+def unknown_path_message(request: Request) -> str:
+    """What a 404 says: a POST under /api/v3/ names a model id, so say which ones are served."""
+    path = request.url.path
+    if request.method == "POST" and path.startswith("/api/v3/"):
+        svc: Services = request.app.state.services
+        svc.auth(request)  # an unknown model is told to callers with a key only
+        model = path.removeprefix("/api/v3/")
+        return f"Model {model!r} is not served here. This server serves Qwen-Image-Edit: {svc.served_models()}."
+    return "Not found."
 
 
 def refuse_destination(guard: NetGuard, url: str, field: str) -> None:
@@ -107,7 +122,7 @@ def _admit(svc: Services, endpoint: Endpoint, body: EditRequest, origin: Origin,
         created_at=now,
         updated_at=now,
         webhook_url=webhook,
-        api_key_id=origin.key_id,
+        api_key_id=origin.caller.key_id,
         batch_key=params.batch_key(endpoint.variant),
     )
     try:
@@ -132,6 +147,7 @@ def check_request(body: EditRequest, endpoint: Endpoint, svc: Services, guard: N
         refuse_destination(guard, webhook, "webhook")
     if body.loras and not endpoint.loras:
         raise BadRequest(f"loras are only accepted by the -lora endpoints (e.g. {endpoints_of(endpoint.variant)[1]})")
+    check_loras([LoraRef(lora.path, lora.scale) for lora in body.loras or []], settings, guard)
 
 
 def image_refs(
@@ -150,8 +166,10 @@ def image_refs(
     if len(raw) > variant.max_images:
         raise BadRequest(f"{field} takes at most {variant.max_images} images, got {len(raw)}")
     limits = ImageLimits(svc.settings.max_image_bytes, svc.settings.max_image_pixels)
-    refs = tuple(
-        to_reference(
+    width, height = parse_size(body.size) if body.size else (None, None)
+    refs: list[ImageRef] = []
+    for i, value in enumerate(raw):
+        ref, size = to_reference(
             value,
             field=field,
             job_id=job_id,
@@ -160,12 +178,15 @@ def image_refs(
             own_origins=set(origin.own_origins),
             limits=limits,
         )
-        for i, value in enumerate(raw)
-    )
-    for ref in refs:
         if ref.url is not None:
             refuse_destination(guard, ref.url, field)
-    return refs
+        if size is not None:  # bytes at hand: what the pipeline could not resize is refused now
+            try:
+                geometry.check_images(variant, [size], width, height)
+            except PipelineInputError as exc:
+                raise BadRequest(f"{field}: {exc}") from exc
+        refs.append(ref)
+    return tuple(refs)
 
 
 def job_params(body: EditRequest, refs: tuple[ImageRef, ...], svc: Services) -> JobParams:

@@ -36,6 +36,12 @@ TERMINAL = frozenset({Status.COMPLETED, Status.FAILED})
 IN_FLIGHT = frozenset({Status.CREATED, Status.PROCESSING})
 
 
+# A worker refreshes its registry row this often, from the moment it starts loading; readiness and
+# /metrics trust a row only while it is fresher than PRESENCE_FRESH_S (a worker that died is not ready).
+PRESENCE_EVERY_S = 2.0
+PRESENCE_FRESH_S = 10.0
+
+
 class WorkerState(enum.StrEnum):
     """What a worker last said of itself (the ``workers`` table)."""
 

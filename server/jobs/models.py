@@ -80,6 +80,17 @@ workers = Table(
     Column("heartbeat_at", BigInteger, nullable=False),
 )
 
+# One row per stored upload (the signed PUT's one-time claim, and retention by key).
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("key", String(512), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("api_key_id", String(16), nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_uploads_created", "created_at"),
+)
+
 # Small server-wide values every replica must agree on (webhook secret, upload signing key).
 meta = Table(
     "meta",

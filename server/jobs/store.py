@@ -8,7 +8,8 @@ Every state change is a single guarded statement, so that the same code is corre
        +----reap/release---+   (a late or duplicate worker's writes match no row: its lease is gone)
 
 ``JobStore.open(settings)`` is the one way in for every process; the webhook outbox
-(``store.outbox``) and the worker registry (``store.workers``) share its database.
+(``store.outbox``), the worker registry (``store.workers``) and the uploads (``store.uploads``)
+share its database.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from server.jobs.models import jobs, webhook_deliveries
 from server.jobs.notify import Notifier
 from server.jobs.outbox import WebhookOutbox
 from server.jobs.registry import WorkerRegistry
+from server.jobs.uploads import Uploads
 
 if TYPE_CHECKING:
     from server.settings import Settings
@@ -84,6 +86,7 @@ class JobStore:
         self.db = db
         self.outbox = WebhookOutbox(db)
         self.workers = WorkerRegistry(db)
+        self.uploads = Uploads(db)
 
     @classmethod
     def open(cls, settings: Settings, *, pool_size: int = 10) -> JobStore:

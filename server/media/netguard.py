@@ -14,11 +14,11 @@ would connect on our behalf, unchecked).
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import anyio
 import httpcore
@@ -43,6 +43,31 @@ METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-da
 
 class BlockedDestination(Exception):
     """The URL points somewhere this server must not connect to."""
+
+
+class InvalidURL(ValueError):
+    """The URL does not parse (as httpx, which sends it, parses it)."""
+
+
+# Labels of digits, octal (leading 0) or hex (0x…): what inet_aton would read as an IPv4 address.
+_NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+))*$")
+_HOST_CHARS = re.compile(r"^[a-z0-9.\-_]+$|^[0-9a-f:.]+$")
+
+
+def parse_url(url: str) -> httpx.URL:
+    """``url`` as httpx parses it, or ``InvalidURL``; the host must be plain DNS letters, digits,
+    dots and hyphens after IDNA (no percent-escapes, no NULs) or a bracketed IPv6 literal."""
+    try:
+        parsed = httpx.URL(url)
+        port = parsed.port
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise InvalidURL(str(exc) or "malformed URL") from None
+    if port is not None and not 0 < port < 65536:
+        raise InvalidURL(f"invalid port {port}")
+    host = parsed.raw_host.decode("ascii", "replace").lower()  # IDNA-encoded (xn--...)
+    if host and not _HOST_CHARS.match(host):
+        raise InvalidURL(f"invalid host {host!r}")
+    return parsed
 
 
 def _unwrap(ip: IPAddress) -> IPAddress:
@@ -103,27 +128,34 @@ class NetGuard:
     def address_allowed(self, ip: IPAddress) -> bool:
         return any(_unwrap(ip) in net or ip in net for net in self.allow_networks)
 
-    def check_url(self, url: str) -> None:
-        """Cheap checks that need no DNS: the scheme, and literal or well-known forbidden hosts."""
-        parts = urlsplit(url)
-        if parts.scheme.lower() not in ("http", "https"):
-            raise BlockedDestination(f"only http and https URLs are fetched, not {parts.scheme or 'no scheme'!r}")
-        host = (parts.hostname or "").lower().rstrip(".")
-        _ = parts.port  # raises ValueError on a malformed port
+    def check_url(self, url: str) -> httpx.URL:
+        """Cheap checks that need no DNS, on the URL exactly as httpx will send it: http(s) only, a
+        well-formed host (an unparsable one raises ``InvalidURL``), no numeric host in any form but
+        the canonical one (``0177.0.0.1``, ``2130706433``, ``0x7f.1`` and ``127.1`` all mean
+        127.0.0.1 to the resolver), and no literal or well-known forbidden host."""
+        parsed = parse_url(url)
+        if parsed.scheme not in ("http", "https"):
+            raise BlockedDestination(f"only http and https URLs are fetched, not {parsed.scheme or 'no scheme'!r}")
+        host = parsed.raw_host.decode("ascii", "replace").lower().rstrip(".")
         if not host:
             raise BlockedDestination("the URL has no host")
         if self.host_allowed(host):
-            return
+            return parsed
         if host in METADATA_HOSTS:
             raise BlockedDestination(f"{host} is a cloud metadata host")
         if host == "localhost" or host.endswith(".localhost"):
             self.check_address(host, ipaddress.ip_address("127.0.0.1"))
-            return
+            return parsed
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            return
+            if _NUMERIC_HOST.match(host):
+                raise BlockedDestination(
+                    f"{host} is a numeric host in a non-standard form; write the address as a.b.c.d"
+                ) from None
+            return parsed
         self.check_address(host, ip)
+        return parsed
 
     def check_address(self, host: str, ip: IPAddress) -> None:
         if self.host_allowed(host) or self.address_allowed(ip):

@@ -61,8 +61,9 @@ def own_file_key(url: str, own_origins: set[str]) -> str | None:
 
 def to_reference(
     value: Any, *, field: str, job_id: str, index: int, storage: Storage, own_origins: set[str], limits: ImageLimits
-) -> ImageRef:
-    """Turn one client image string into a job reference, checking what can be checked now."""
+) -> tuple[ImageRef, tuple[int, int] | None]:
+    """Turn one client image string into a job reference, checking what can be checked now; with
+    the image's (width, height) where its bytes were at hand."""
     if not isinstance(value, str) or not value.strip():
         raise BadRequest(f"{field} must be a non-empty string: an http(s) URL, a data URI or base64")
     value = value.strip()
@@ -73,8 +74,8 @@ def to_reference(
         if key is not None:
             if not key.startswith("uploads/") or not storage.exists(key):
                 raise BadRequest(f"{field} refers to an upload that does not exist on this server: {value}")
-            return ImageRef(key=key)
-        return ImageRef(url=value)
+            return ImageRef(key=key), None
+        return ImageRef(url=value), None
     data = inline_bytes(value)
     if data is None:
         raise BadRequest(f"{field} must be an http(s) URL, a data:image/...;base64 URI, or base64-encoded image bytes")
@@ -84,4 +85,4 @@ def to_reference(
         raise BadRequest(f"{field}: {exc}") from exc
     key = new_input_key(job_id, index, probed.format)
     storage.put(key, data)
-    return ImageRef(key=key)
+    return ImageRef(key=key), (probed.width, probed.height)

@@ -1,8 +1,9 @@
 """The storage interface, its error, and how keys are made.
 
 Keys are relative POSIX paths (``outputs/<job id>/<index>-<random>.png``, ``uploads/<random>/<name>``,
-``inputs/<job id>/<index>-<random>.png``). Their random parts make them unguessable, so files are
-served without an API key, as the hosted API's CDN links are.
+``inputs/<job id>/<index>-<random>.png``). Their random parts make them unguessable (one file's
+link never leads to another's), so files are served without an API key, as the hosted API's CDN
+links are.
 """
 
 from __future__ import annotations
@@ -35,6 +36,27 @@ class Storage(Protocol):
         """The file's path when it is on this machine's disk (served directly), else None."""
 
 
+MAX_KEY_BYTES = 1024  # S3's own limit; far under PATH_MAX
+MAX_SEGMENT_BYTES = 255  # NAME_MAX of every common file system
+MAX_SEGMENTS = 16
+
+
+def valid_key(key: str) -> bool:
+    """Whether ``key`` is one this server could have made: relative, short, no dot segments, no NUL.
+    Keys arrive in URLs; refusing the rest up front means no backend ever sees (or errors on) them."""
+    if not key or "\0" in key or "\\" in key or key.startswith("/"):
+        return False
+    try:
+        if len(key.encode()) > MAX_KEY_BYTES:
+            return False
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    parts = key.split("/")
+    return len(parts) <= MAX_SEGMENTS and all(
+        part not in ("", ".", "..") and len(part.encode()) <= MAX_SEGMENT_BYTES for part in parts
+    )
+
+
 def safe_filename(name: str, default: str = "file") -> str:
     base = os.path.basename(name.replace("\\", "/")).strip()
     base = _SAFE_NAME.sub("_", base).strip("._")[:100]
@@ -50,7 +72,8 @@ def new_output_key(job_id: str, index: int, ext: str) -> str:
 
 
 def new_input_key(job_id: str, index: int, ext: str) -> str:
-    return f"inputs/{job_id}/{index}.{ext}"
+    # Random like an output's: the job id is in every output link, an input must not follow from it.
+    return f"inputs/{job_id}/{index}-{secrets.token_urlsafe(12)}.{ext}"
 
 
 def content_type_of(key: str) -> str:

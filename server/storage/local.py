@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from server.storage.base import StorageError
+from server.storage.base import StorageError, valid_key
 
 
 class LocalStorage:
@@ -18,10 +18,13 @@ class LocalStorage:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        # Keys come from URLs: never let one escape the root (nor crash on a NUL byte).
-        if "\0" in key:
+        # Keys come from URLs: never let one escape the root, nor reach the OS in a shape it refuses.
+        if not valid_key(key):
             raise KeyError(key)
-        path = (self.root / key).resolve()
+        try:
+            path = (self.root / key).resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop, say
+            raise KeyError(key) from exc
         if not path.is_relative_to(self.root) or path == self.root:
             raise KeyError(key)
         return path
@@ -52,7 +55,7 @@ class LocalStorage:
     def exists(self, key: str) -> bool:
         try:
             return self._path(key).is_file()
-        except KeyError:
+        except (KeyError, OSError):
             return False
 
     def delete(self, key: str) -> None:
@@ -62,9 +65,9 @@ class LocalStorage:
     def local_path(self, key: str) -> Path | None:
         try:
             path = self._path(key)
-        except KeyError:
+            return path if path.is_file() else None
+        except (KeyError, OSError):
             return None
-        return path if path.is_file() else None
 
     def iter_older_than(self, prefix: str, age_s: float) -> Iterator[str]:
         cutoff = time.time() - age_s

@@ -10,7 +10,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from server.storage.base import StorageError, content_type_of
+from server.storage.base import MAX_KEY_BYTES, StorageError, content_type_of, valid_key
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 
@@ -39,7 +39,7 @@ class S3Storage:
         self.client = client or boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
     def _key(self, key: str) -> str:
-        if not key or key.startswith("/") or ".." in key.split("/"):
+        if not valid_key(key) or len((self.prefix + key).encode()) > MAX_KEY_BYTES:
             raise KeyError(key)
         return self.prefix + key
 

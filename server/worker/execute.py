@@ -20,6 +20,7 @@ from server.jobs.contract import Job
 from server.jobs.store import JobStore
 from server.media.fetch import load_reference
 from server.media.images import ImageLimits, encode_image
+from server.media.loras import LoraFiles
 from server.media.netguard import NetGuard
 from server.settings import Settings
 from server.storage.base import Storage, new_output_key
@@ -65,6 +66,7 @@ class Executor:
         self.abandon = abandon  # set when the worker must stop now: stop retrying writes too
         self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
         self.guard = NetGuard.from_entries(settings.fetch_allow)
+        self.lora_files = LoraFiles(settings, self.guard)
 
     def run(self, batch: list[Job]) -> None:
         """Run claimed jobs: compatible ones as one pipeline call, the rest one by one."""
@@ -111,7 +113,10 @@ class Executor:
             negative_prompt=p.negative_prompt,
             width=p.width,
             height=p.height,
-            loras=[LoraRequest(path=lora.path, scale=lora.scale) for lora in p.loras],
+            loras=[
+                LoraRequest(path=str(self.lora_files.local_file(lora.path)), scale=lora.scale, name=lora.path)
+                for lora in p.loras
+            ],
         )
 
     def _groups(self, loaded: list[tuple[Run, EditInputs]]) -> list[list[tuple[Run, EditInputs]]]:

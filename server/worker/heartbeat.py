@@ -13,14 +13,12 @@ import time
 import structlog
 
 from server.errors import StoreUnavailable
-from server.jobs.contract import WorkerInfo, WorkerState
+from server.jobs.contract import PRESENCE_EVERY_S, WorkerInfo, WorkerState
 from server.jobs.store import JobStore, now_ms
 from server.worker.gpu import cuda_memory
 from server.worker.runs import Run, RunBoard, RunState
 
 log = structlog.get_logger(__name__)
-
-PRESENCE_EVERY_S = 2.0  # how often a worker refreshes its row; readiness trusts a row this fresh
 
 
 class Presence:

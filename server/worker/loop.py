@@ -27,6 +27,7 @@ from server.storage.base import Storage
 from server.worker.execute import Executor, Runner
 from server.worker.heartbeat import Heartbeat, Presence
 from server.worker.runs import RunBoard, RunState
+from server.worker.supervisor import DRAIN_SIGNAL, HANDBACK_SIGNAL
 
 log = structlog.get_logger(__name__)
 
@@ -52,18 +53,36 @@ class Worker:
     # --- stopping ------------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
-        def on_signal(signum: int, _frame: Any) -> None:
+        """SIGTERM / SIGINT: drain; a second one: hand back now. The supervisor's DRAIN_SIGNAL drains
+        (however often it comes, and beside a SIGTERM of systemd's); its HANDBACK_SIGNAL hands back."""
+
+        def on_stop(signum: int, _frame: Any) -> None:
             if self.stopping.is_set():  # asked twice: hand the job back now
                 self.hand_back()
-                return
-            log.info("worker stopping", signal=signal.Signals(signum).name, drain_s=self.settings.worker_drain_s)
-            self.drain()
+            else:
+                self.drain(signal.Signals(signum).name)
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        def on_drain(signum: int, _frame: Any) -> None:
+            if not self.stopping.is_set():
+                self.drain(signal.Signals(signum).name)
 
-    def drain(self) -> None:
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(DRAIN_SIGNAL, on_drain)
+        signal.signal(HANDBACK_SIGNAL, lambda _s, _f: self.hand_back())
+
+    def drain(self, why: str = "asked to stop") -> None:
         """Stop claiming; finish the job in hand for up to the drain time, then hand it back."""
+        if self.stopping.is_set():
+            return
+        runs = self.board.unsettled()
+        log.info(
+            "worker stopping",
+            reason=why,
+            finishing=[f"{run.job.id} (step {run.step}/{run.total})" for run in runs] or "nothing",
+            drain_s=self.settings.worker_drain_s if runs else 0,
+            hint="a second SIGTERM hands the job back to the queue now" if runs else "",
+        )
         self.stopping.set()
         if self._sub is not None:
             self._sub.wake()  # an idle claim loop ends now, not at its next poll
@@ -73,6 +92,8 @@ class Worker:
 
     def hand_back(self) -> None:
         """Stop the jobs in hand at their next step and return them to the queue (no attempt spent)."""
+        if self.board.unsettled() and not self.abandon.is_set():
+            log.warning("worker stopping now: the job in hand goes back to the queue")
         self.stopping.set()
         self.abandon.set()
         self.board.stop_all(RunState.HANDING_BACK)

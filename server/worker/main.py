@@ -7,13 +7,15 @@ from PIL import Image
 
 from pipelines.lightning import use_lightning_scheduler
 from pipelines.loader import ModelLoadError, default_model_source, load_pipeline, resolve_device, resolve_dtype
-from pipelines.lora import LoraManager
+from pipelines.lora import LoraManager, LoraRequest
 from pipelines.memory import resolve_plan
 from pipelines.registry import Variant, get_variant
 from pipelines.runner import EditInputs, EditRunner
 from pipelines.speed import SpeedConfig, apply_speed
 from server.jobs.contract import WorkerState
 from server.jobs.store import JobStore
+from server.media.loras import LoraFiles
+from server.media.netguard import NetGuard
 from server.settings import Settings
 from server.storage.factory import build_storage
 from server.worker.loop import Worker
@@ -74,11 +76,14 @@ def load_runner(settings: Settings, variant: Variant, worker: Worker) -> tuple[E
     )
     pipe = load_pipeline(source, variant, device=device, dtype=dtype, memory=plan)
     apply_speed(pipe, SpeedConfig.from_settings(settings), device)
-    loras = LoraManager(pipe, settings.data_dir / "loras", max_loaded=settings.lora_cache_size)
+    loras = LoraManager(pipe, max_loaded=settings.lora_cache_size)
     if settings.preset != "default":
         use_lightning_scheduler(pipe)
         if settings.lightning_lora:
-            loras.pin(settings.lightning_lora)
+            # The operator's own setting: any local path, and the Hub, fetched through the guard.
+            files = LoraFiles(settings, NetGuard.from_entries(settings.fetch_allow))
+            path = files.local_file(settings.lightning_lora, trusted=True)
+            loras.pin(LoraRequest(path=str(path), name=settings.lightning_lora))
         else:
             log.warning("lightning preset without QWEN_EDIT_LIGHTNING_LORA: few steps on the base model")
     runner = EditRunner(pipe, variant, device, loras)

@@ -1,13 +1,21 @@
-"""Worker processes started beside the API by ``qwen-edit serve``.
+"""Worker processes started beside the API by ``qwen-edit serve`` (or alone by ``qwen-edit worker
+--workers N``).
 
 Each worker is its own process (``qwen-edit worker --slot N``), so a pipeline run never holds the
 API's event loop or GIL, and a crash takes down one worker, not the server. A worker that cannot
 load its model exits with ``EXIT_LOAD_FAILED``: the server then stops too (non-zero), rather than
 accept jobs it cannot run. Other exits are restarted with backoff.
+
+Stopping: each worker runs in a process group of its own, so a signal to the server's group (Ctrl-C,
+``kill -TERM -PGID``) reaches the supervisor only; it then asks each worker to drain with
+``DRAIN_SIGNAL``, which a worker takes once however often it comes (systemd's default, a SIGTERM to
+every process of the unit, plus the supervisor's own request, is still one drain). A second request
+to the server hands the jobs back now (``HANDBACK_SIGNAL``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -24,6 +32,8 @@ from server.settings import Settings
 log = structlog.get_logger(__name__)
 
 EXIT_LOAD_FAILED = 3
+DRAIN_SIGNAL = signal.SIGUSR1  # finish the job in hand (up to QWEN_EDIT_WORKER_DRAIN_S), then exit
+HANDBACK_SIGNAL = signal.SIGUSR2  # hand the job in hand back to the queue now, then exit
 _PR_SET_PDEATHSIG = 1
 
 
@@ -75,7 +85,8 @@ class WorkerSupervisor:
     def _spawn(self, slot: int) -> subprocess.Popen[bytes]:
         env = worker_env(self.settings, slot, os.environ)
         cmd = [sys.executable, "-m", "server.cli", "worker", "--slot", str(slot)]
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+        # A group of its own: the server's group signal (Ctrl-C) is the supervisor's to pass on, once.
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, process_group=0)
         log.info("worker started", slot=slot, pid=proc.pid)
         return proc
 
@@ -106,12 +117,27 @@ class WorkerSupervisor:
                     continue
                 self.procs[slot] = self._spawn(slot)
 
+    def _signal_all(self, sig: int) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
+
+    def hand_back_now(self) -> None:
+        """A second stop request: every worker hands its job back to the queue at once."""
+        log.warning("stop requested again: workers hand their jobs back to the queue now")
+        self._signal_all(HANDBACK_SIGNAL)
+
     def stop(self) -> None:
         """Ask every worker to finish its job and exit; kill those still running after the drain timeout."""
         self._stop.set()
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        if any(proc.poll() is None for proc in self.procs.values()):
+            log.info(
+                "stopping: workers finish the jobs in hand, then exit",
+                drain_s=self.settings.worker_drain_s,
+                hint="signal again (Ctrl-C) to hand the jobs back to the queue now",
+            )
+        self._signal_all(DRAIN_SIGNAL)
         deadline = time.monotonic() + self.drain_timeout_s
         for slot, proc in self.procs.items():
             try:

@@ -9,11 +9,13 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from server.api.auth import Caller
 from server.api.deps import Services, base_url, caller, services
-from server.api.schemas import UploadEnvelope, UploadRequest, envelope
-from server.errors import BadRequest, NotFound, PayloadTooLarge
+from server.api.schemas import UploadEnvelope, UploadRequest, envelope, error_responses
+from server.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
+from server.jobs.store import now_ms
 from server.media.images import ImageLimits, probe_image
-from server.storage.base import content_type_of, new_upload_key
+from server.storage.base import content_type_of, new_upload_key, valid_key
 
 router = APIRouter(tags=["media"])
 
@@ -34,31 +36,77 @@ def _upload_data(svc: Services, request: Request, key: str, size: int) -> dict[s
     }
 
 
-@router.post("/api/v3/media/upload/binary", response_model=UploadEnvelope, summary="Upload an image (multipart)")
-@router.post("/api/v2/media/upload/binary", response_model=UploadEnvelope, summary="Upload an image (v2 path)")
+UPLOAD_ERRORS = error_responses(
+    {
+        400: ("Not an image (or not a readable one)", "Only images can be uploaded here: image is empty"),
+        401: ("Missing or invalid API key", "Missing API key: send 'Authorization: Bearer <key>'."),
+        413: ("Larger than the image limit", "The file is larger than 26214400 bytes."),
+        503: ("Storage or job store unavailable", "File storage is unavailable; try again shortly."),
+    }
+)
+PUT_ERRORS = error_responses(
+    {
+        400: ("Not the announced bytes, or not an image", "Received 10 bytes; this upload announced 12."),
+        403: ("Bad, expired or already used signature", "This upload URL was already used."),
+        404: ("No such upload key", "Not found."),
+        413: ("More bytes than announced", "More bytes than the 12 announced for this upload."),
+        503: ("Storage or job store unavailable", "File storage is unavailable; try again shortly."),
+    }
+)
+FILE_ERRORS = error_responses({404: ("No such file", "File not found.")})
+
+
+async def _store_upload(svc: Services, key: str, data: bytes, key_id: str | None) -> None:
+    """Keep an accepted upload: its row (the one-time claim) first, then its bytes."""
+    if not await run_in_threadpool(svc.store.uploads.claim, key, len(data), key_id, now_ms()):
+        raise Forbidden("This upload URL was already used.")
+    try:
+        await run_in_threadpool(svc.storage.put, key, data, content_type_of(key))
+    except BaseException:
+        await run_in_threadpool(svc.store.uploads.release, key)  # nothing stored: the URL may be retried
+        raise
+
+
+@router.post(
+    "/api/v3/media/upload/binary",
+    response_model=UploadEnvelope,
+    summary="Upload an image (multipart)",
+    responses=UPLOAD_ERRORS,
+)
+@router.post(
+    "/api/v2/media/upload/binary",
+    response_model=UploadEnvelope,
+    summary="Upload an image (v2 path)",
+    responses=UPLOAD_ERRORS,
+)
 async def upload_binary(
     request: Request,
     file: UploadFile = File(..., description="The image file."),
     svc: Services = Depends(services),
-    _: str | None = Depends(caller),
+    who: Caller = Depends(caller),
 ) -> dict[str, Any]:
     data = await file.read(svc.settings.max_image_bytes + 1)
     if len(data) > svc.settings.max_image_bytes:
         raise PayloadTooLarge(f"The file is larger than {svc.settings.max_image_bytes} bytes.")
     _check_image(data, svc)
     key = new_upload_key(file.filename or "upload")
-    await run_in_threadpool(svc.storage.put, key, data, content_type_of(key))
+    await _store_upload(svc, key, data, who.key_id)
     return envelope(_upload_data(svc, request, key, len(data)))
 
 
-@router.post("/api/v3/media/uploads", response_model=UploadEnvelope, summary="Ask for a signed PUT upload URL")
+@router.post(
+    "/api/v3/media/uploads",
+    response_model=UploadEnvelope,
+    summary="Ask for a signed PUT upload URL",
+    responses=UPLOAD_ERRORS,
+)
 async def create_upload(
-    body: UploadRequest, request: Request, svc: Services = Depends(services), _: str | None = Depends(caller)
+    body: UploadRequest, request: Request, svc: Services = Depends(services), _: Caller = Depends(caller)
 ) -> dict[str, Any]:
     if body.size > svc.settings.max_image_bytes:
         raise PayloadTooLarge(f"The file is larger than {svc.settings.max_image_bytes} bytes.")
     key = new_upload_key(body.filename)
-    expires, signature = svc.uploads.sign(key, body.size)
+    expires, signature = svc.upload_signer.sign(key, body.size)
     data = _upload_data(svc, request, key, body.size)
     put_url = (
         f"{base_url(request, svc.settings)}/api/v3/media/uploads/{quote(key)}"
@@ -72,7 +120,12 @@ async def create_upload(
     return envelope(data)
 
 
-@router.put("/api/v3/media/uploads/{key:path}", summary="Receive the bytes of a signed upload (no API key)")
+@router.put(
+    "/api/v3/media/uploads/{key:path}",
+    response_model=UploadEnvelope,
+    summary="Receive the bytes of a signed upload (no API key; each URL is good for one upload)",
+    responses=PUT_ERRORS,
+)
 async def put_upload(
     key: str,
     request: Request,
@@ -81,7 +134,11 @@ async def put_upload(
     signature: str = Query(..., min_length=64, max_length=64),
     svc: Services = Depends(services),
 ) -> dict[str, Any]:
-    svc.uploads.verify(key, size, expires, signature)
+    svc.upload_signer.verify(key, size, expires, signature)
+    if not key.startswith("uploads/") or not valid_key(key):
+        raise NotFound("Not found.")
+    if await run_in_threadpool(svc.store.uploads.taken, key):  # before reading any byte (the claim decides races)
+        raise Forbidden("This upload URL was already used.")
     chunks: list[bytes] = []
     received = 0
     async for chunk in request.stream():
@@ -89,15 +146,25 @@ async def put_upload(
         if received > size:
             raise PayloadTooLarge(f"More bytes than the {size} announced for this upload.")
         chunks.append(chunk)
+    if received != size:
+        raise BadRequest(f"Received {received} bytes; this upload announced {size}.")
     data = b"".join(chunks)
     _check_image(data, svc)
-    await run_in_threadpool(svc.storage.put, key, data, content_type_of(key))
+    await _store_upload(svc, key, data, None)
     return envelope(_upload_data(svc, request, key, len(data)))
 
 
-@router.get("/files/{key:path}", summary="A stored input, upload or output (unguessable URL, no API key)")
+FILE_ROUTE: dict[str, Any] = {
+    "summary": "A stored input, upload or output (unguessable URL, no API key)",
+    "response_class": Response,
+    "responses": {200: {"content": {"image/*": {}}, "description": "The file"}, **FILE_ERRORS},
+}
+
+
+@router.get("/files/{key:path}", **FILE_ROUTE)
+@router.head("/files/{key:path}", **FILE_ROUTE)
 async def get_file(key: str, svc: Services = Depends(services)) -> Response:
-    if not key.startswith(("outputs/", "uploads/", "inputs/")):
+    if not key.startswith(("outputs/", "uploads/", "inputs/")) or not valid_key(key):
         raise NotFound("File not found.")
     path = svc.storage.local_path(key)
     if path is not None:

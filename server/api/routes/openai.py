@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
 from pipelines.registry import endpoint_for, endpoints_of, get_variant
+from server.api.auth import Caller
 from server.api.deps import Services, caller, services
 from server.api.handlers import OPENAI_PREFIX
 from server.api.schemas import EditRequest
@@ -185,7 +186,7 @@ async def _finish(job: Job, svc: Services) -> Job:
     },
 )
 async def images_edits(
-    request: Request, svc: Services = Depends(services), key_id: str | None = Depends(caller)
+    request: Request, svc: Services = Depends(services), who: Caller = Depends(caller)
 ) -> dict[str, Any]:
     try:
         form = await request.form()
@@ -206,7 +207,7 @@ async def images_edits(
     model = _model(_text(form, "model"), svc)
     images = await _images(form, svc.settings.max_image_bytes)
 
-    origin = Origin.of(request, svc, key_id)
+    origin = Origin.of(request, svc, who)
     jobs = [
         await submit(svc, model, _edit_request(form, images, model, seed + i, output_format), origin) for i in range(n)
     ]

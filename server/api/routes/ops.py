@@ -9,10 +9,11 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from server.api.auth import Caller
 from server.api.deps import Services, caller, services
 from server.api.schemas import SecretEnvelope, envelope
 from server.errors import ServiceUnavailable, StoreUnavailable
-from server.jobs.contract import WorkerState
+from server.jobs.contract import PRESENCE_FRESH_S, WorkerState
 from server.jobs.store import now_ms
 
 router = APIRouter()
@@ -25,12 +26,13 @@ async def livez() -> dict[str, str]:
 
 def readiness(svc: Services) -> dict[str, Any]:
     svc.store.ping()
-    stale_after = max(15_000, int(svc.settings.lease_s * 1000))
     now = now_ms()
+    # Only rows refreshed lately: a worker that died (or cannot reach the store) stops counting
+    # within seconds, not when its last lease would have run out.
     workers = [
         {"id": w.id, "variant": w.variant, "state": w.state.value, "detail": w.detail}
         for w in svc.store.workers.list()
-        if now - w.heartbeat_at < stale_after and w.state != WorkerState.STOPPED
+        if now - w.heartbeat_at < PRESENCE_FRESH_S * 1000 and w.state != WorkerState.STOPPED
     ]
     ready = [w for w in workers if w["state"] == WorkerState.READY]
     return {"ready": bool(ready), "workers": workers, "queued": svc.store.queued_count()}
@@ -58,5 +60,5 @@ async def metrics(request: Request) -> Response:
 @router.get(
     "/api/v3/webhook/secret", tags=["webhooks"], response_model=SecretEnvelope, summary="The webhook signing secret"
 )
-async def webhook_secret(svc: Services = Depends(services), _: str | None = Depends(caller)) -> dict[str, Any]:
+async def webhook_secret(svc: Services = Depends(services), _: Caller = Depends(caller)) -> dict[str, Any]:
     return envelope({"secret": svc.webhook_secret})

@@ -9,15 +9,15 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from pipelines.registry import VARIANTS, endpoints_of
+from server.api.auth import Caller
 from server.api.deps import Services, base_url, caller, services
 from server.api.schemas import EditRequest, PredictionEnvelope, envelope, error_responses
-from server.api.submit import Origin, resolve_endpoint, submit
+from server.api.submit import Origin, submit
 from server.errors import NotFound
+from server.jobs.contract import Job
 
 log = structlog.get_logger(__name__)
 router = APIRouter(tags=["predictions"])
-# Included after every other router: it answers POSTs to model ids we do not serve.
-fallback_router = APIRouter()
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = error_responses(
     {
@@ -40,11 +40,13 @@ def _make_submit_route(model: str):  # type: ignore[no-untyped-def]
     async def submit_route(
         body: EditRequest,
         request: Request,
-        webhook: str | None = Query(None, description="URL to POST the finished prediction to."),
+        webhook: str | None = Query(
+            None, min_length=1, max_length=4096, description="http(s) URL to POST the finished prediction to."
+        ),
         svc: Services = Depends(services),
-        key_id: str | None = Depends(caller),
+        who: Caller = Depends(caller),
     ) -> dict[str, Any]:
-        origin = Origin.of(request, svc, key_id)
+        origin = Origin.of(request, svc, who)
         job = await submit(svc, model, body, origin, webhook)
         if not body.enable_sync_mode:
             return envelope(await svc.renderer.render(job, origin.base))
@@ -68,12 +70,6 @@ for _variant in VARIANTS.values():
         )
 
 
-@fallback_router.post("/api/v3/{model:path}", include_in_schema=False)
-async def submit_unknown(model: str, svc: Services = Depends(services), _: str | None = Depends(caller)) -> None:
-    resolve_endpoint(model, svc)
-    raise NotFound(f"Model {model!r} is not served here.")
-
-
 @router.get("/api/v3/predictions/{prediction_id}/result", summary="Get a prediction's result", **PREDICTION_ROUTE)
 @router.get("/api/v3/predictions/{prediction_id}", summary="Get a prediction (same as /result)", **PREDICTION_ROUTE)
 @router.get(
@@ -82,12 +78,17 @@ async def submit_unknown(model: str, svc: Services = Depends(services), _: str |
     **PREDICTION_ROUTE,
 )
 async def get_result(
-    prediction_id: str, request: Request, svc: Services = Depends(services), _: str | None = Depends(caller)
+    prediction_id: str, request: Request, svc: Services = Depends(services), who: Caller = Depends(caller)
 ) -> dict[str, Any]:
-    job = await run_in_threadpool(svc.store.get, prediction_id)
-    if job is None:
-        raise NotFound(f"Prediction {prediction_id!r} not found.")
+    job = owned(await run_in_threadpool(svc.store.get, prediction_id), who, prediction_id)
     return envelope(await svc.renderer.render(job, base_url(request, svc.settings)))
+
+
+def owned(job: Job | None, who: Caller, prediction_id: str) -> Job:
+    """The caller's own prediction; another key's is as unknown as one that does not exist."""
+    if job is None or not who.owns(job):
+        raise NotFound(f"Prediction {prediction_id!r} not found.")
+    return job
 
 
 @router.post(
@@ -96,10 +97,9 @@ async def get_result(
     **PREDICTION_ROUTE,
 )
 async def cancel(
-    prediction_id: str, request: Request, svc: Services = Depends(services), _: str | None = Depends(caller)
+    prediction_id: str, request: Request, svc: Services = Depends(services), who: Caller = Depends(caller)
 ) -> dict[str, Any]:
-    job = await run_in_threadpool(svc.store.cancel, prediction_id)
-    if job is None:
-        raise NotFound(f"Prediction {prediction_id!r} not found.")
+    owned(await run_in_threadpool(svc.store.get, prediction_id), who, prediction_id)
+    job = owned(await run_in_threadpool(svc.store.cancel, prediction_id), who, prediction_id)
     log.info("prediction cancel requested", prediction_id=prediction_id, status=job.status.value)
     return envelope(await svc.renderer.render(job, base_url(request, svc.settings)))

@@ -27,7 +27,7 @@ from server.api.tasks.base import Background
 from server.errors import StoreUnavailable, first_line
 from server.jobs.outbox import Delivery
 from server.jobs.store import JobStore, now_ms
-from server.media.netguard import BlockedDestination, NetGuard, guarded_async_client
+from server.media.netguard import BlockedDestination, InvalidURL, NetGuard, guarded_async_client
 
 log = structlog.get_logger(__name__)
 
@@ -140,7 +140,7 @@ class WebhookDispatcher(Background):
         try:
             self.guard.check_url(delivery.url)
             resp = await client.post(delivery.url, content=body, headers=headers)
-        except BlockedDestination as exc:
+        except (BlockedDestination, InvalidURL) as exc:  # no retry can change these
             return f"refused: {exc}", True
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}", False
