@@ -121,7 +121,7 @@ def image_host() -> Iterator[tuple[str, dict[str, tuple[int, bytes, dict[str, st
     routes: dict[str, tuple[int, bytes, dict[str, str]]] = {}
     handler = type("Handler", (_ImageHandler,), {"routes": routes})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", routes
     httpd.shutdown()

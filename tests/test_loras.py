@@ -48,7 +48,7 @@ class Files(BaseHTTPRequestHandler):
 def host() -> Iterator[tuple[str, type[Files]]]:
     handler = type("H", (Files,), {"routes": {}, "hits": []})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", handler
     httpd.shutdown()
 

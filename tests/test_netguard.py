@@ -51,7 +51,7 @@ def _serve(host: str) -> tuple[ThreadingHTTPServer, dict[str, tuple[int, bytes, 
     hits: list[str] = []
     handler = type("H", (_Handler,), {"routes": routes, "hits": hits})
     httpd = ThreadingHTTPServer((host, 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     return httpd, routes, hits
 
 
@@ -67,6 +67,8 @@ def hosts() -> Iterator[dict[str, Any]]:
     rroutes["/local"] = (200, PNG, {"Content-Type": "image/png"})
     rroutes["/loop"] = (302, b"", {"Location": "/loop"})
     rroutes["/to-file"] = (302, b"", {"Location": "file:///etc/passwd"})
+    rroutes["/to-octal"] = (302, b"", {"Location": "http://0177.0.0.1/x"})
+    rroutes["/to-unparsable"] = (302, b"", {"Location": "http://[::1/x"})
     yield {"target": target_url, "redirector": redirect_url, "target_hits": thits}
     target.shutdown()
     redirector.shutdown()
@@ -185,3 +187,12 @@ def test_env_proxies_are_ignored(hosts: dict[str, Any], monkeypatch: pytest.Monk
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.2:9")  # would bypass the guard if honoured
     allowed = NetGuard.from_entries(["127.0.0.1/32"])
     assert fetch_url(hosts["target"] + "/img.png", timeout_s=3, max_bytes=10**7, guard=allowed) == PNG
+
+
+def test_redirects_to_unparsable_or_ambiguous_hosts_are_media_errors(hosts: dict[str, Any]) -> None:
+    """A redirect's Location is checked like the URL itself: a host httpx cannot parse, or an octal
+    one, fails the fetch as a media error (1402), never as a crash."""
+    guard = NetGuard.from_entries(["127.0.0.0/8"])
+    for path in ("/to-octal", "/to-unparsable"):
+        with pytest.raises(MediaError):
+            fetch_url(hosts["redirector"] + path, timeout_s=5, max_bytes=10**6, guard=guard)

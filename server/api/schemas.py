@@ -24,6 +24,7 @@ MIN_SIDE, MAX_SIDE = 256, 1536
 _SIDE = r"(?:25[6-9]|2[6-9][0-9]|[3-9][0-9][0-9]|1[0-4][0-9][0-9]|15[0-2][0-9]|153[0-6])"
 SIZE_PATTERN = rf"^\s*{_SIDE}\s*[*xX\u00d7]\s*{_SIDE}\s*$"
 MAX_PROMPT_CHARS = 4000  # the schema's bound; QWEN_EDIT_MAX_PROMPT_CHARS may lower it
+MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # the schema's bound; QWEN_EDIT_MAX_IMAGE_BYTES may lower it
 
 
 def parse_size(value: str) -> tuple[int, int]:
@@ -193,7 +194,9 @@ class UploadRequest(BaseModel):
         json_schema_extra={"examples": [{"filename": "photo.jpg", "size": 123456, "content_type": "image/jpeg"}]},
     )
     filename: Annotated[str, Field(min_length=1, max_length=255)]
-    size: Annotated[int, Field(ge=1)]
+    size: Annotated[
+        int, Field(ge=1, le=MAX_UPLOAD_BYTES, description="Bytes (QWEN_EDIT_MAX_IMAGE_BYTES may lower the cap).")
+    ]
     content_type: str | None = None
 
 

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import Caller
 from server.api.deps import Services, caller, services
-from server.api.schemas import SecretEnvelope, envelope
+from server.api.schemas import SecretEnvelope, envelope, error_responses
 from server.errors import ServiceUnavailable, StoreUnavailable
 from server.jobs.contract import PRESENCE_FRESH_S, WorkerState
 from server.jobs.store import now_ms
@@ -38,7 +38,14 @@ def readiness(svc: Services) -> dict[str, Any]:
     return {"ready": bool(ready), "workers": workers, "queued": svc.store.queued_count()}
 
 
-@router.get("/readyz", tags=["ops"], summary="Ready when the job store answers and a worker has its model loaded")
+@router.get(
+    "/readyz",
+    tags=["ops"],
+    summary="Ready when the job store answers and a worker has its model loaded",
+    responses=error_responses(
+        {503: ("Not ready: no worker ready, or the job store away", "No worker is ready yet (none running).")}
+    ),
+)
 async def readyz(svc: Services = Depends(services)) -> dict[str, Any]:
     try:
         state = await run_in_threadpool(readiness, svc)
@@ -50,7 +57,13 @@ async def readyz(svc: Services = Depends(services)) -> dict[str, Any]:
     return {"status": "ready", **state}
 
 
-@router.get("/metrics", tags=["ops"], summary="Prometheus metrics (no API key: keep it on a private network)")
+@router.get(
+    "/metrics",
+    tags=["ops"],
+    summary="Prometheus metrics (no API key: keep it on a private network)",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}, "description": "Prometheus text format"}},
+)
 async def metrics(request: Request) -> Response:
     registry: CollectorRegistry = request.app.state.metrics_registry
     body = await run_in_threadpool(generate_latest, registry)
