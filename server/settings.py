@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     # Base of the absolute URLs we hand out (urls.get, outputs, uploads). Unset: the base URL
     # the client used for that request (honouring X-Forwarded-* from trusted proxies).
     public_url: str | None = None
+    # Other base URLs clients reach this server under (another proxy, a second host name): links
+    # of this server under them are read from storage when handed back as inputs. Comma-separated.
+    public_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     forwarded_allow_ips: str = "127.0.0.1"
 
     # --- state ---------------------------------------------------------------------------
@@ -145,7 +148,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
-    @field_validator("api_keys", "admin_keys", "fetch_allow", "lora_dirs", mode="before")
+    @field_validator("api_keys", "admin_keys", "fetch_allow", "lora_dirs", "public_urls", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

@@ -427,3 +427,57 @@ def wait_status(store: Any, job_id: str, statuses: set[Any], timeout: float = 60
         return job if job is not None and job.status in statuses else None
 
     return wait_for(reached, timeout, f"{job_id} reaching {statuses}")
+
+
+# --- JavaScript clients (tests/js: real packages from npm) ---------------------------------------
+
+JS_DIR = ROOT / "tests" / "js"
+
+
+def js_clients_ready() -> str | None:
+    """None when node and tests/js's packages are there (installed here from the lockfile if
+    missing, as .ci/run does); else why not."""
+    import shutil
+
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "node/npm not installed"
+    if not (JS_DIR / "node_modules").is_dir():
+        proc = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, text=True, timeout=600
+        )
+        if proc.returncode != 0:
+            return f"npm ci failed: {proc.stderr[-500:]}"
+    return None
+
+
+def require_js() -> None:
+    """The JS clients are part of what is tested: their absence is a failure that says why."""
+    why_not = js_clients_ready()
+    if why_not is not None:
+        pytest.fail(f"the JavaScript clients cannot run here ({why_not}); install Node 20 and npm")
+
+
+def run_js(script: str, *args: str, timeout: float = 600) -> dict[str, Any]:
+    """Run ``tests/js/<script>`` with ``args``; its JSON summary (stdout's last line)."""
+    import json
+
+    proc = subprocess.run(["node", script, *args], cwd=JS_DIR, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"node {script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def python_sdk_chain(base_url: str, image_path: Path, *, sync: bool) -> list[str]:
+    """Three chained edits with the official Python SDK (wavespeed 2.0.5), as its users write them:
+    upload a picture, edit it, edit each output again. Only the base URL changes."""
+    import wavespeed
+
+    client = wavespeed.Client(api_key=API_KEY, base_url=base_url)
+    image = client.upload(str(image_path))
+    steps = [image]
+    for prompt in ("make it blue", "add a hat", "turn it into a watercolor"):
+        body = {"prompt": prompt, "image": image, "size": "256*256"}
+        out = client.run(MODEL, body, enable_sync_mode=sync) if sync else client.run(MODEL, body, poll_interval=0.2)
+        image = out["outputs"][0]
+        steps.append(image)
+    return steps

@@ -91,7 +91,7 @@ def test_unknown_own_upload_is_400(api: Any) -> None:
     r = api.post(
         MODEL_URL, json={"prompt": "x", "image": "http://testserver/files/uploads/nope/missing.png"}, headers=KEY1
     )
-    assert r.status_code == 400 and "upload" in r.json()["message"]
+    assert r.status_code == 400 and "does not exist on this server" in r.json()["message"]
 
 
 @pytest.mark.e2e

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 
 import httpx
 import pytest
 import wavespeed
 from PIL import Image
 
-from tests.support import API_KEY, ServerProc, data_uri, png_bytes
+from tests.support import API_KEY, ServerProc, data_uri, png_bytes, python_sdk_chain, require_js, run_js
 
 pytestmark = pytest.mark.e2e
 
@@ -79,3 +80,20 @@ def test_sdk_reports_failed_prediction(server: ServerProc, image_host: tuple[str
     client = wavespeed.Client(api_key=API_KEY, base_url=server.url)
     with pytest.raises(RuntimeError, match="failed"):
         client.run(MODEL, {"prompt": "x", "image": f"{host}/nothing-here.png"}, poll_interval=0.2)
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_three_chained_edits_with_the_python_and_js_sdks(server: ServerProc, tmp_path: Path, sync: bool) -> None:
+    """The most common editing workflow, as the hosted API's clients run it: each output is the
+    next edit's input (read from storage by the server, never fetched back over HTTP)."""
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png_bytes((96, 64)))
+    require_js()
+    chains = [
+        python_sdk_chain(server.url, photo, sync=sync),
+        run_js("chain.js", server.url, API_KEY, str(photo), "sync" if sync else "async")["steps"],
+    ]
+    for steps in chains:
+        assert steps[0].startswith(server.url + "/files/uploads/") and len(steps) == 4
+        assert all(s.startswith(server.url + "/files/outputs/") for s in steps[1:])
+        assert fetch_image(steps[-1]).size == (256, 256)

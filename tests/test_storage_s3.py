@@ -145,3 +145,64 @@ def test_server_presigned_outputs(make_server: Callable[..., ServerProc], s3_end
     assert out.startswith(f"{s3_endpoint}/{bucket}/qe/outputs/") and "Signature" in out
     img = httpx.get(out, timeout=10)
     assert img.status_code == 200 and Image.open(io.BytesIO(img.content)).format == "JPEG"
+
+
+def test_chained_edits_on_presigned_s3_outputs(s3_endpoint: str, bucket: str, tmp_path: Any) -> None:
+    """A presigned object URL handed out as an output is ours: handed back, it is read from the
+    bucket by key (its signature is not needed), in process with a worker loop."""
+    from fastapi.testclient import TestClient
+
+    from server.api.app import create_app
+    from tests.support import KEY1, MODEL_URL, FakeRunner, ThreadWorker, settings_for, wait_for
+
+    settings = settings_for(
+        tmp_path / "data", storage_url=f"s3://{bucket}/qe", s3_endpoint_url=s3_endpoint, storage_presign=True
+    )
+
+    def finished(client: Any, pid: str) -> dict[str, Any]:
+        def done() -> Any:
+            data = client.get(f"/api/v3/predictions/{pid}/result", headers=KEY1).json()["data"]
+            return data if data["status"] in ("completed", "failed") else None
+
+        return wait_for(done, 30, pid)  # type: ignore[no-any-return]
+
+    with TestClient(create_app(settings)) as client:
+        worker = ThreadWorker(settings, FakeRunner()).start()
+        try:
+            image = data_uri(png_bytes())
+            for _ in range(3):
+                r = client.post(MODEL_URL, json={"prompt": "x", "image": image, "size": "256*256"}, headers=KEY1)
+                assert r.status_code == 200, r.text
+                done = finished(client, r.json()["data"]["id"])
+                assert done["status"] == "completed", done
+                image = done["outputs"][0]
+                assert image.startswith(f"{s3_endpoint}/{bucket}/qe/outputs/") and "Signature" in image
+            stale = image.split("?", 1)[0]  # no signature at all: still ours, still read by key
+            r = client.post(MODEL_URL, json={"prompt": "x", "image": stale}, headers=KEY1)
+            assert r.status_code == 200, r.text
+            missing = f"{s3_endpoint}/{bucket}/qe/outputs/{'0' * 32}/0-x.png"
+            r = client.post(MODEL_URL, json={"prompt": "x", "image": missing}, headers=KEY1)
+            assert r.status_code == 400 and "does not exist on this server" in r.json()["message"]
+        finally:
+            worker.stop()
+
+
+@pytest.mark.e2e
+def test_three_chained_edits_with_both_sdks_on_s3(
+    make_server: Callable[..., ServerProc], s3_endpoint: str, bucket: str, tmp_path: Any
+) -> None:
+    """The official Python and JS SDKs chain three edits, sync and async, on a server whose files
+    are in S3 and whose output links are presigned object URLs (links through the API to S3-held
+    files are handed back in test_server_end_to_end_on_s3)."""
+    from tests.support import API_KEY, python_sdk_chain, require_js, run_js
+
+    require_js()
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png_bytes((96, 64)))
+    srv = make_server(**_s3_env(s3_endpoint, bucket, QWEN_EDIT_STORAGE_PRESIGN="true"))
+    for sync in (False, True):
+        python_steps = python_sdk_chain(srv.url, photo, sync=sync)
+        js_steps = run_js("chain.js", srv.url, API_KEY, str(photo), "sync" if sync else "async")["steps"]
+        for steps in (python_steps, js_steps):
+            assert len(steps) == 4 and all(s.startswith(f"{s3_endpoint}/{bucket}/qe/outputs/") for s in steps[1:])
+            assert httpx.get(steps[-1], timeout=10).status_code == 200

@@ -41,7 +41,7 @@ class Services:
 
     def own_origins(self, request: Request) -> set[str]:
         """scheme://host[:port] under which clients reach this server (to recognise our own links)."""
-        bases = {str(request.base_url)}
+        bases = {str(request.base_url), *self.settings.public_urls}
         if self.settings.public_url:
             bases.add(self.settings.public_url)
         return {f"{p.scheme}://{p.netloc}".lower() for p in map(urlsplit, bases)}

@@ -167,6 +167,17 @@ def image_refs(
         raise BadRequest(f"{field} takes at most {variant.max_images} images, got {len(raw)}")
     limits = ImageLimits(svc.settings.max_image_bytes, svc.settings.max_image_pixels)
     width, height = parse_size(body.size) if body.size else (None, None)
+
+    def may_read(key: str) -> bool:
+        """Uploads are anyone's to pass on (like the hosted CDN's links); an output only its
+        prediction's owner's; stored copies of inputs nobody's."""
+        if key.startswith("uploads/"):
+            return True
+        if not key.startswith("outputs/"):
+            return False
+        job = svc.store.get(key.split("/")[1])
+        return job is not None and origin.caller.owns(job) and key in job.outputs
+
     refs: list[ImageRef] = []
     for i, value in enumerate(raw):
         ref, size = to_reference(
@@ -177,6 +188,7 @@ def image_refs(
             storage=svc.storage,
             own_origins=set(origin.own_origins),
             limits=limits,
+            may_read=may_read,
         )
         if ref.url is not None:
             refuse_destination(guard, ref.url, field)

@@ -1,8 +1,8 @@
 """API side: each ``image`` string of a request becomes an ``ImageRef`` on the job.
 
 Bytes we hold get a storage key (an inline data URI or base64, decoded and checked now; a file
-this server already stores, named by its own URL); anything else is a remote ``url`` the worker
-fetches through the SSRF guard.
+this server already stores, named by a URL it handed out: an upload, an earlier output); anything
+else is a remote ``url`` the worker fetches through the SSRF guard.
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from server.errors import BadRequest
 from server.jobs.contract import ImageRef
 from server.media.images import ImageLimits, probe_image
-from server.storage.base import Storage, new_input_key
+from server.storage.base import Storage, new_input_key, valid_key
 
 MAX_URL_CHARS = 4096
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
@@ -46,8 +47,9 @@ def inline_bytes(value: str) -> bytes | None:
     return None
 
 
-def own_file_key(url: str, own_origins: set[str]) -> str | None:
-    """The storage key when ``url`` is a file this server serves (``<origin>/files/<key>``)."""
+def own_file_key(url: str, own_origins: set[str], storage: Storage) -> str | None:
+    """The storage key when ``url`` is a file this server handed out: ``<one of our origins>/files/<key>``,
+    or an object URL of the bucket behind us (presigned output links)."""
     try:
         parts = urlsplit(url)
         _ = parts.port
@@ -55,25 +57,39 @@ def own_file_key(url: str, own_origins: set[str]) -> str | None:
         return None
     origin = f"{parts.scheme}://{parts.netloc}".lower()
     if origin in own_origins and parts.path.startswith("/files/"):
-        return parts.path[len("/files/") :]
-    return None
+        return unquote(parts.path[len("/files/") :])
+    key_of_url = getattr(storage, "key_of_url", None)
+    return key_of_url(url) if key_of_url is not None else None
 
 
 def to_reference(
-    value: Any, *, field: str, job_id: str, index: int, storage: Storage, own_origins: set[str], limits: ImageLimits
+    value: Any,
+    *,
+    field: str,
+    job_id: str,
+    index: int,
+    storage: Storage,
+    own_origins: set[str],
+    limits: ImageLimits,
+    may_read: Callable[[str], bool],
 ) -> tuple[ImageRef, tuple[int, int] | None]:
     """Turn one client image string into a job reference, checking what can be checked now; with
-    the image's (width, height) where its bytes were at hand."""
+    the image's (width, height) where its bytes were at hand.
+
+    A file this server handed out (an upload's ``download_url``, an earlier output: the chained
+    edit) is read from storage, never fetched back over HTTP; ``may_read(key)`` says whether this
+    caller may use it (its own outputs, any upload). Whatever it may not use, or that is not
+    there, gets one answer."""
     if not isinstance(value, str) or not value.strip():
         raise BadRequest(f"{field} must be a non-empty string: an http(s) URL, a data URI or base64")
     value = value.strip()
     if value.lower().startswith(("http://", "https://")):
         if len(value) > MAX_URL_CHARS:
             raise BadRequest(f"{field} URL is longer than {MAX_URL_CHARS} characters")
-        key = own_file_key(value, own_origins)
+        key = own_file_key(value, own_origins, storage)
         if key is not None:
-            if not key.startswith("uploads/") or not storage.exists(key):
-                raise BadRequest(f"{field} refers to an upload that does not exist on this server: {value}")
+            if not valid_key(key) or not may_read(key) or not storage.exists(key):
+                raise BadRequest(f"{field} refers to a file that does not exist on this server: {value}")
             return ImageRef(key=key), None
         return ImageRef(url=value), None
     data = inline_bytes(value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse, urlsplit
 
 import boto3
 from botocore.config import Config
@@ -37,6 +37,7 @@ class S3Storage:
             read_timeout=60,
         )
         self.client = client or boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        self._url_base: str | None = None  # scheme://host/[bucket/] of this bucket's object URLs
 
     def _key(self, key: str) -> str:
         if not valid_key(key) or len((self.prefix + key).encode()) > MAX_KEY_BYTES:
@@ -87,6 +88,23 @@ class S3Storage:
 
     def local_path(self, key: str) -> Path | None:
         return None  # never on this machine's disk: the API streams it, or hands out a presigned URL
+
+    def key_of_url(self, url: str) -> str | None:
+        """The key when ``url`` is one of this bucket's object URLs (a presigned output link
+        handed back as an input), else None. Its signature is not needed: we read the object."""
+        if self._url_base is None:
+            probe = self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": "k"}, ExpiresIn=60
+            )
+            self._url_base = urlsplit(probe)._replace(query="", fragment="").geturl()[: -len("k")]
+        bare = urlsplit(url)._replace(query="", fragment="").geturl()
+        if not bare.startswith(self._url_base):
+            return None
+        key = unquote(bare[len(self._url_base) :])
+        if not key.startswith(self.prefix):
+            return None
+        key = key[len(self.prefix) :]
+        return key if valid_key(key) else None
 
     def presigned_url(self, key: str, ttl_s: int) -> str:
         url: str = self.client.generate_presigned_url(
