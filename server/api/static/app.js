@@ -225,23 +225,14 @@ $("slider").addEventListener("input", (e) => {
   $("after-wrap").style.setProperty("--pos", pos);
 });
 
-$("use-as-input").addEventListener("click", async () => {
+$("use-as-input").addEventListener("click", () => {
   const entry = findEntry(state.current);
   if (!entry || !entry.output) return;
-  // The server takes its own uploads (not outputs) by URL: re-upload the result through the ticket flow.
-  $("input-status").textContent = "Preparing the result as input…";
-  try {
-    const blob = await (await fetch(entry.output)).blob();
-    const name = `result-${entry.id}.${(entry.output.split(".").pop() || "png").split("?")[0]}`;
-    const url = await uploadFile(new File([blob], name, { type: blob.type || "image/png" }));
-    setInput(url, "Using the last result as input");
-    $("image-url").value = "";
-    $("prompt").focus();
-    window.scrollTo({ top: 0, behavior: "smooth" });
-  } catch (err) {
-    $("input-status").textContent = "";
-    showError(`Could not use the result as input: ${err.message}`);
-  }
+  // An output of this server is an input as it is: the next edit reads it from storage (chained edits).
+  setInput(entry.output, "Using the last result as input");
+  $("image-url").value = "";
+  $("prompt").focus();
+  window.scrollTo({ top: 0, behavior: "smooth" });
 });
 
 // ---- history (this browser's jobs, in localStorage) --------------------------------------------
