@@ -39,6 +39,7 @@ def _run(srv: Any, model: str, body: dict[str, Any]) -> dict[str, Any]:
 def test_every_endpoint_on_its_variant(make_server: Any, tiny_family: dict[str, Path], tmp_path: Path) -> None:
     folder = tmp_path / "loras"  # the server's LoRA folder: clients name files inside it
     build_tiny_lora(folder / "edit")
+    (tmp_path / "lora-outside.safetensors").write_bytes((folder / "edit" / "tiny_lora.safetensors").read_bytes())
     lora = "edit/tiny_lora.safetensors"
     models = ",".join(f"{v}={p}" for v, p in tiny_family.items())
     srv = make_server(
@@ -68,7 +69,7 @@ def test_every_endpoint_on_its_variant(make_server: Any, tiny_family: dict[str, 
     _pixels(_run(srv, "edit-2511-lora", {"images": [img], "loras": [{"path": plus_lora, "scale": 0.5}]}))
 
     # A LoRA outside the folders, or not in them, is a 400 with one and the same message.
-    for path in ("none.safetensors", str(tmp_path / "elsewhere.safetensors"), "../loras/edit/tiny_lora.safetensors"):
+    for path in ("none.safetensors", str(tmp_path / "elsewhere.safetensors"), "../lora-outside.safetensors"):
         r = srv.submit({"prompt": "x", "image": img, "loras": [{"path": path}]}, model=PREFIX + "edit-lora")
         assert r.status_code == 400 and "is not one this server offers" in r.json()["message"], r.text
     # loras on a non-lora endpoint, and too many images, are 400s.
