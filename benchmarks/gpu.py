@@ -1,222 +1,461 @@
-"""GPU pipeline benchmark: plain diffusers vs our runtime, side by side in one process.
+"""The GPU truth table, in one call: what every speed setting and memory mode really costs.
 
-The real-size architecture (MODEL.md: 60-layer transformer, Qwen2.5-VL-7B, the Qwen VAE) is built
-from the tiny model's configs scaled to the real ones, with random bf16 weights (meta device, then
-materialised on the GPU): timing and memory do not depend on the weights' values.
+    python -m benchmarks.gpu --budget-s 540 --out bench-out    # one H100/H200, under 10 minutes
+    python -m benchmarks.gpu --smoke --out bench-out           # every phase on the CPU, real widths, minutes
 
-    python -m benchmarks.gpu --out bench-out                 # H100/H200: 1 MP, 50 steps CFG + Lightning 4/8
-    python -m benchmarks.gpu --tiny --out bench-out          # the same code on the CPU, tiny model
+The real architecture (pipelines/architecture.py) with random bf16 weights, built straight on the
+GPU; timing and memory do not depend on the weights' values.
+
+1. The 60-layer transformer alone, at the tokens of a 1 MP edit: seconds per true-CFG step for each
+   attention backend available here, as two batch-1 passes, as batched CFG (padded, with a mask:
+   some backends refuse masks) and as batch 2 without a mask; then regional compile and fp8.
+2. The whole pipeline (real-size text encoder and VAE) resident on the GPU: plain diffusers against
+   ours at 1 MP, 50 steps with true CFG and the Lightning 4/8 presets. Seconds per step come from
+   step differencing (two runs that differ only in their step count), the rest is the fixed cost;
+   peak memory allocated, reserved and used on the device; MFU at 790 TFLOP/s (MODEL.md's dense
+   bf16 figure) and 989 (the data sheet's).
+3. Every memory mode in a fresh subprocess (benchmarks/memory_modes.py): seconds per step, device
+   peak, host RAM peak.
+
+Rows are appended to ``<out>/gpu.jsonl`` as they are measured and the tables rewritten after each,
+so a run cut short keeps what it measured; a phase stops when the budget left is too small for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from benchmarks.report import print_table
 
-from benchmarks.report import print_table, write_json
-
-# The real transformer (Qwen/Qwen-Image-Edit transformer/config.json).
-REAL_TRANSFORMER = dict(
-    num_layers=60,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=3584,
-    in_channels=64,
-    out_channels=16,
-    patch_size=2,
-    axes_dims_rope=(16, 56, 56),
-)
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
-LINEAR_FLOPS_PER_TOKEN = 13.59e9
+LINEAR_FLOPS_PER_TOKEN = 13.59e9  # MODEL.md, all 60 layers
 ATTENTION_FLOPS_PER_TOKEN2 = 737_280
+PEAKS_TFLOPS = (790.0, 989.0)  # dense bf16: MODEL.md's figure, and the H100/H200 data sheet's
+BACKENDS = ("native", "_native_cudnn", "_native_flash", "flash", "_flash_3", "sage")
 
 
-def pass_flops(tokens: int, layers_scale: float = 1.0) -> float:
-    """MODEL.md's FLOPs model of one transformer pass over ``tokens`` tokens."""
-    return (LINEAR_FLOPS_PER_TOKEN * tokens + ATTENTION_FLOPS_PER_TOKEN2 * tokens**2) * layers_scale
+def pass_flops(tokens: int, layers: int = 60) -> float:
+    """MODEL.md's FLOPs model of one transformer pass over ``tokens`` tokens (scaled to ``layers``)."""
+    return (LINEAR_FLOPS_PER_TOKEN * tokens + ATTENTION_FLOPS_PER_TOKEN2 * tokens**2) * layers / 60
 
 
-def build_pipeline(tiny_folder: Path, device: str, dtype: Any, real_size: bool) -> Any:
-    """The pipeline from the tiny folder's tokenizer/scheduler; at real size, a 20 B transformer of random weights."""
-    import torch
-    from diffusers import QwenImageEditPipeline, QwenImageTransformer2DModel
+@dataclass
+class Run:
+    """One benchmark run's settings and what it wrote."""
 
-    from pipelines.loader import load_pipeline
-    from pipelines.registry import get_variant
+    smoke: bool
+    out: Path
+    budget_s: float
+    started: float = field(default_factory=time.monotonic)
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
-    pipe = load_pipeline(str(tiny_folder), get_variant("edit"), device="cpu", dtype=dtype)
-    if real_size:
-        # Only the transformer is rebuilt at its real size: it is >95% of the step time. The text
-        # encoder and VAE run once an image and keep their tiny form (noted in RESULTS.md).
-        with torch.device("meta"):
-            transformer = QwenImageTransformer2DModel(**REAL_TRANSFORMER)  # type: ignore[arg-type]
-        transformer = transformer.to_empty(device=device).to(dtype)  # type: ignore[attr-defined]
-        for param in transformer.parameters():
-            torch.nn.init.normal_(param, std=0.02)
-        pipe = QwenImageEditPipeline(
-            scheduler=pipe.scheduler,
-            vae=pipe.vae,
-            text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer,
-            processor=pipe.processor,
-            transformer=transformer,
+    @property
+    def device(self) -> str:
+        return "cpu" if self.smoke else "cuda"
+
+    def left(self) -> float:
+        return self.budget_s - (time.monotonic() - self.started)
+
+    def record(self, phase: str, **row: Any) -> None:
+        row = {"phase": phase, **row}
+        self.rows.append(row)
+        self.out.mkdir(parents=True, exist_ok=True)
+        with (self.out / "gpu.jsonl").open("a") as fh:
+            fh.write(json.dumps(row, default=str, allow_nan=False) + "\n")
+        print(json.dumps(row, default=str), flush=True)
+        (self.out / "gpu.md").write_text(tables(self.rows, self.describe()))
+
+    def describe(self) -> str:
+        import torch
+
+        if self.smoke:
+            return "CPU smoke run (real widths, 1-2 layers per component): code paths, not speeds"
+        props = torch.cuda.get_device_properties(0)
+        return (
+            f"{props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}"
         )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
 
 
-def run_case(pipe: Any, runtime: bool, steps: int, cfg: bool, size: int, device: str, repeats: int) -> dict[str, Any]:
+def sync(device: str) -> None:
     import torch
 
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Any, device: str, repeats: int) -> float:
+    """The fastest of ``repeats`` calls of ``fn``, after one untimed warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+# --- phase 1: the transformer alone ----------------------------------------------------------------
+
+
+def phase_transformer(run: Run) -> tuple[str, bool]:
+    """Time the transformer per attention backend; returns the fastest backend that worked, and
+    whether batched CFG beat two batch-1 passes on it (phase 2 runs ours with what won)."""
+    import torch
+
+    from pipelines.architecture import build_components
+    from pipelines.registry import get_variant
+    from pipelines.speed import SpeedReport, compile_blocks, fp8_unavailable_reason
+
+    dtype = torch.float32 if run.smoke else torch.bfloat16
+    parts = build_components(get_variant("edit"), "smoke" if run.smoke else "real", device=run.device, dtype=dtype)
+    transformer = parts.transformer.eval()
+    layers = len(transformer.transformer_blocks)
+    del parts
+    side = 8 if run.smoke else 64  # latent patches a side: 64 at 1024 px (16 px a patch)
+    txt_pos, txt_neg = (24, 20) if run.smoke else (1380, 1340)  # a 1 MP image's ~1,337 tokens, prompt and " "
+    n_img = 2 * side * side  # the output and the condition
+    dev = run.device
+
+    def inputs(batch: int, text: int, mask: bool) -> dict[str, Any]:
+        return {
+            "hidden_states": torch.randn(batch, n_img, 64, device=dev, dtype=dtype),
+            "encoder_hidden_states": torch.randn(batch, text, 3584, device=dev, dtype=dtype),
+            "encoder_hidden_states_mask": torch.ones(batch, text, device=dev, dtype=torch.bool) if mask else None,
+            "timestep": torch.full((batch,), 0.5, device=dev, dtype=dtype),
+            "img_shapes": [[(1, side, side), (1, side, side)]] * batch,
+            "return_dict": False,
+        }
+
+    pos, neg = inputs(1, txt_pos, False), inputs(1, txt_neg, False)
+    padded = inputs(2, txt_pos, True)
+    padded["encoder_hidden_states_mask"][1, txt_neg:] = False
+    equal = inputs(2, txt_pos, False)
+    repeats = 1 if run.smoke else 3
+    flops_step = pass_flops(n_img + txt_pos, layers) + pass_flops(n_img + txt_neg, layers)
+    best: tuple[float, str, bool] = (float("inf"), "native", False)
+
+    def measure(label: str, backend: str, fn: Any) -> float | None:
+        try:
+            with torch.inference_mode():
+                seconds = timed(fn, dev, repeats)
+        except Exception as exc:
+            run.record("1-transformer", backend=backend, case=label, error=f"{type(exc).__name__}: {exc}"[:300])
+            return None
+        run.record(
+            "1-transformer",
+            backend=backend,
+            case=label,
+            s_per_cfg_step=seconds,
+            tflops=flops_step / seconds / 1e12,
+            **{f"mfu_{int(p)}": flops_step / seconds / (p * 1e12) for p in PEAKS_TFLOPS},
+        )
+        return seconds
+
+    for backend in BACKENDS if not run.smoke else ("native", "_native_flash"):
+        if run.left() < 30:
+            run.record("1-transformer", backend=backend, case="skipped", error="budget spent")
+            break
+        try:
+            transformer.set_attention_backend(backend)
+        except Exception as exc:
+            run.record("1-transformer", backend=backend, case="unavailable", error=f"{type(exc).__name__}: {exc}"[:300])
+            continue
+        two = measure("two batch-1 passes", backend, lambda: (transformer(**pos), transformer(**neg)))
+        batched = measure("batched CFG (mask)", backend, lambda: transformer(**padded))
+        measure("batch 2, no mask", backend, lambda: transformer(**equal))
+        for seconds, is_batched in ((two, False), (batched, True)):
+            if seconds is not None and seconds < best[0]:
+                best = (seconds, backend, is_batched)
+    transformer.set_attention_backend(best[1])
+    if run.smoke:
+        run.record("1-transformer", backend=best[1], case="regional compile", error="not on the CPU smoke run")
+    elif run.left() > 120:
+        report = SpeedReport()
+        compile_blocks(transformer, report)
+        measure("regional compile", best[1], lambda: (transformer(**pos), transformer(**neg)))
+    reason = fp8_unavailable_reason(dev)
+    if reason is None and run.left() > 60:
+        from pipelines.memory import quantize_transformer
+
+        quantize_transformer(transformer, "fp8", fp8_dynamic=True)
+        measure("fp8 (dynamic activations)", best[1], lambda: (transformer(**pos), transformer(**neg)))
+    else:
+        run.record("1-transformer", backend=best[1], case="fp8", error=reason or "budget spent")
+    run.record(
+        "1-transformer",
+        backend=best[1],
+        case="fastest",
+        batched_cfg=best[2],
+        s_per_cfg_step=best[0],
+        note="phase 2 runs ours with this" + (" and batched CFG" if best[2] else " and two CFG passes"),
+    )
+    return best[1], best[2]
+
+
+def free_device() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- phase 2: the whole pipeline, plain diffusers against ours ---------------------------------------
+
+
+def phase_pipeline(run: Run, backend: str, batched_cfg: bool = False) -> None:
+    import torch
+    from PIL import Image
+
+    from pipelines.architecture import build_pipeline
+    from pipelines.lightning import use_lightning_scheduler
     from pipelines.registry import get_variant
     from pipelines.runner import EditInputs, EditRunner
+    from pipelines.speed import SpeedConfig, apply_speed, reset_attention_backend
 
+    variant = get_variant("edit")
+    dtype = torch.float32 if run.smoke else torch.bfloat16
+    pipe = build_pipeline(variant, "smoke" if run.smoke else "real", device=run.device, dtype=dtype)
+    layers = len(pipe.transformer.transformer_blocks)
+    size = 256 if run.smoke else 1024
     image = Image.new("RGB", (size, size), (120, 90, 60))
-    inputs = EditInputs(
-        images=[image],
-        prompt="make the sky a sunset",
-        seed=0,
-        num_inference_steps=steps,
-        true_cfg_scale=4.0 if cfg else 1.0,
-        negative_prompt=" " if cfg else None,
-        width=size,
-        height=size,
-    )
-    transformer_calls = [0]
-    hook = pipe.transformer.register_forward_hook(lambda *_: transformer_calls.__setitem__(0, transformer_calls[0] + 1))
     tokens = [0]
 
-    def count_tokens(_mod: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+    def count(_mod: Any, _args: Any, kwargs: dict[str, Any]) -> None:
         tokens[0] = kwargs["hidden_states"].shape[1] + kwargs["encoder_hidden_states"].shape[1]
 
-    pre = pipe.transformer.register_forward_pre_hook(count_tokens, with_kwargs=True)
+    pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
+    # (label, CFG, the two step counts differenced, the step count reported). On the CPU smoke run
+    # a step of the 1-layer transformer at real width costs ~10 s: the Lightning case alone.
+    cases = [("Lightning 4/8-step", False, (1, 2) if run.smoke else (4, 8), 4)]
+    if not run.smoke:
+        cases.insert(0, ("50-step true CFG", True, (2, 6), 50))
 
-    def call() -> None:
-        if runtime:
-            EditRunner(pipe, get_variant("edit"), device)(inputs)
-            return
-        with torch.inference_mode():  # plain diffusers, as a user would call it
-            pipe(
-                image=image,
-                prompt=inputs.prompt,
-                negative_prompt=inputs.negative_prompt,
-                true_cfg_scale=inputs.true_cfg_scale,
-                num_inference_steps=steps,
-                width=size,
-                height=size,
-                generator=torch.Generator("cpu").manual_seed(0),
+    def one(ours: bool, cfg: bool, steps: int) -> dict[str, float]:
+        inputs = EditInputs(
+            images=[image],
+            prompt="make the sky a sunset",
+            seed=0,
+            num_inference_steps=steps,
+            true_cfg_scale=4.0 if cfg else 1.0,
+            negative_prompt=" " if cfg else None,
+            width=size,
+            height=size,
+        )
+        if run.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        sync(run.device)
+        started = time.perf_counter()
+        if ours:
+            EditRunner(pipe, variant, run.device)(inputs)
+        else:
+            with torch.inference_mode():  # plain diffusers, as its documentation calls it
+                pipe(
+                    image=image,
+                    prompt=inputs.prompt,
+                    negative_prompt=inputs.negative_prompt,
+                    true_cfg_scale=inputs.true_cfg_scale,
+                    num_inference_steps=steps,
+                    width=size,
+                    height=size,
+                    generator=torch.Generator("cpu").manual_seed(0),
+                )
+        sync(run.device)
+        seconds = time.perf_counter() - started
+        if not run.device.startswith("cuda"):
+            return {"seconds": seconds}
+        free, total = torch.cuda.mem_get_info()
+        return {
+            "seconds": seconds,
+            "allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+            "device_used_gib": (total - free) / 2**30,
+        }
+
+    # Phase 1 left its backend active process-wide (diffusers): plain diffusers runs on the default.
+    reset_attention_backend(pipe.transformer)
+    for runtime in ("plain diffusers", "ours"):
+        ours = runtime == "ours"
+        if ours:
+            speed = SpeedConfig(
+                attention_backend=backend, compile=not run.smoke, batched_cfg=batched_cfg, condition_cache=0
             )
+            applied = apply_speed(pipe, speed, run.device).applied
+            runtime = "ours (" + ", ".join(applied) + ")"
+        for label, cfg, (short, long), reported in cases:
+            if label.startswith("Lightning"):
+                use_lightning_scheduler(pipe)
+            if run.left() < 60:
+                run.record("2-pipeline", runtime=runtime, case=label, error="budget spent")
+                continue
+            if not run.smoke:
+                one(ours, cfg, short)  # warm-up: kernels, the allocator, a compile
+            a, b = one(ours, cfg, short), one(ours, cfg, long)
+            per_step = (b["seconds"] - a["seconds"]) / (long - short)
+            fixed = a["seconds"] - short * per_step
+            flops = pass_flops(tokens[0], layers) * (2 if cfg else 1)
+            row: dict[str, Any] = {
+                "runtime": runtime,
+                "case": label,
+                "s_per_step": per_step,
+                "fixed_s": fixed,
+                f"s_image_{reported}_steps": fixed + reported * per_step,
+                "tokens": tokens[0],
+                **{k: v for k, v in b.items() if k != "seconds"},
+                **{f"mfu_{int(p)}": flops / per_step / (p * 1e12) if per_step > 0 else None for p in PEAKS_TFLOPS},
+            }
+            if label.startswith("Lightning"):
+                row["s_image_8_steps"] = fixed + 8 * per_step
+            run.record("2-pipeline", **row)
 
-    try:
-        call()  # warm-up, both sides alike: kernels, allocator (and our compile)
-        times = []
-        for _ in range(repeats):
-            transformer_calls[0] = 0
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            started = time.perf_counter()
-            call()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - started)
-    finally:
-        hook.remove()
-        pre.remove()
-    seconds = min(times)
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
-    passes = steps * (2 if cfg else 1)
-    return {
-        "s_image": seconds,
-        "s_step": seconds / steps,
-        "peak_gib": peak_gib,
-        "tokens": tokens[0],
-        "passes": passes,
-        "transformer_calls": transformer_calls[0],
-    }
+
+# --- tables -------------------------------------------------------------------------------------------
+
+
+def tables(rows: list[dict[str, Any]], device: str, echo: bool = False) -> str:
+    """The three tables as Markdown (printed too where ``echo``)."""
+    import io
+
+    from rich.console import Console
+
+    console = None if echo else Console(file=io.StringIO())
+    parts = [f"Device: {device}"]
+
+    def table(title: str, columns: list[str], cells: list[list[Any]]) -> str:
+        return f"### {title}\n\n" + print_table(title, columns, cells, console)
+
+    one = [r for r in rows if r["phase"] == "1-transformer"]
+    if one:
+        parts.append(
+            table(
+                "1. transformer alone (1 MP edit tokens), s per true-CFG step",
+                ["backend", "case", "s/CFG step", "TFLOP/s", "MFU @790", "MFU @989", "note"],
+                [
+                    [
+                        r["backend"],
+                        r["case"],
+                        r.get("s_per_cfg_step"),
+                        r.get("tflops"),
+                        r.get("mfu_790"),
+                        r.get("mfu_989"),
+                        r.get("error", r.get("note", "")),
+                    ]
+                    for r in one
+                ],
+            )
+        )
+    two = [r for r in rows if r["phase"] == "2-pipeline"]
+    if two:
+        parts.append(
+            table(
+                "2. whole pipeline, full mode",
+                [
+                    "case",
+                    "runtime",
+                    "s/step",
+                    "fixed s",
+                    "s/image",
+                    "tokens",
+                    "alloc GiB",
+                    "reserved GiB",
+                    "used GiB",
+                    "MFU @790",
+                    "MFU @989",
+                    "note",
+                ],
+                [
+                    [
+                        r["case"],
+                        r["runtime"],
+                        r.get("s_per_step"),
+                        r.get("fixed_s"),
+                        r.get("s_image_50_steps", r.get("s_image_4_steps")),
+                        r.get("tokens"),
+                        r.get("allocated_gib"),
+                        r.get("reserved_gib"),
+                        r.get("device_used_gib"),
+                        r.get("mfu_790"),
+                        r.get("mfu_989"),
+                        r.get("error", ""),
+                    ]
+                    for r in two
+                ],
+            )
+        )
+    three = [r for r in rows if r["phase"] == "3-memory"]
+    if three:
+        parts.append(
+            table(
+                "3. memory modes (each in a fresh process)",
+                [
+                    "mode",
+                    "quantize",
+                    "s/step",
+                    "device peak GB",
+                    "estimate GB",
+                    "reserved GB",
+                    "used GB",
+                    "host RAM GB",
+                    "host estimate GB",
+                    "note",
+                ],
+                [
+                    [
+                        r["mode"],
+                        r["quantize"],
+                        r.get("s_per_step"),
+                        r.get("peak_gb"),
+                        r.get("estimated_peak_gb"),
+                        r.get("reserved_gb"),
+                        r.get("device_used_gb"),
+                        r.get("host_ram_gb"),
+                        r.get("estimated_host_ram_gb"),
+                        r.get("error", r.get("note", "")),
+                    ]
+                    for r in three
+                ],
+            )
+        )
+    return "\n\n".join(parts) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from pipelines.speed import SpeedConfig, apply_speed
-
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--tiny", action="store_true", help="tiny model on the CPU (the code path, not the numbers)")
-    p.add_argument("--model", help="tiny model folder to take tokenizer/scheduler/VAE/text encoder from")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--size", type=int, default=1024, help="output side (1024: 1 MP)")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--attention-backend", default="_flash_3")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--out", default="bench-out")
+    p.add_argument("--smoke", action="store_true", help="every phase on the CPU at the real widths, 1-2 layers")
+    p.add_argument("--budget-s", type=float, help="stop starting new work after this long (540; smoke: 1200)")
+    p.add_argument("--phases", default="1,2,3", help="which phases, e.g. 1,2")
+    p.add_argument("--out", type=Path, default=Path("bench-out"))
     args = p.parse_args(argv)
-    out = Path(args.out).resolve()
-    device = "cpu" if args.tiny else "cuda"
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    steps, size, repeats = (2, 64, 1) if args.tiny else (args.steps, args.size, args.repeats)
-    folder = Path(args.model) if args.model else out / "tiny-edit"
-    if not (folder / "model_index.json").is_file():
-        from weights.tiny import build_tiny_model
+    import torch
 
-        build_tiny_model(folder, "edit")
-    gpu_name = torch.cuda.get_device_name() if device == "cuda" else "CPU (tiny model)"
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu_name), float("nan")) * 1e12
-    plain = build_pipeline(folder, device, dtype, real_size=not args.tiny)
-    cases = [
-        ("50-step true CFG", steps, True),
-        ("Lightning 8-step", 8 if not args.tiny else 2, False),
-        ("Lightning 4-step", 4 if not args.tiny else 2, False),
-    ]
-    rows: list[dict[str, Any]] = []
-    for label, n, cfg in cases:
-        rows.append(
-            {"case": label, "runtime": "plain diffusers", **run_case(plain, False, n, cfg, size, device, repeats)}
-        )
-    config = SpeedConfig(
-        batched_cfg=True,
-        attention_backend="native" if args.tiny else args.attention_backend,
-        compile=args.compile and not args.tiny,
-        fp8=args.fp8 and not args.tiny,
-        # Every repeat edits the same image: a condition cache would hit where plain diffusers
-        # re-encodes. Off, so both rows pay for the encoders as a new image does.
-        condition_cache=0,
-    )
-    report = apply_speed(plain, config, device)  # applied now: the plain rows above ran untouched
-    for label, n, cfg in cases:
-        rows.append(
-            {
-                "case": label,
-                "runtime": "ours (" + ", ".join(report.applied) + ")",
-                **run_case(plain, True, n, cfg, size, device, repeats),
-            }
-        )
-    layers_scale = 1.0 if not args.tiny else len(plain.transformer.transformer_blocks) / 60
-    for r in rows:
-        ideal = pass_flops(r["tokens"], layers_scale) * r["passes"]
-        # The FLOPs model is the real model's: on the tiny model these two columns mean nothing.
-        r["tflops_s"] = ideal / r["s_image"] / 1e12 if not args.tiny else float("nan")
-        r["mfu"] = ideal / r["s_image"] / peak if peak == peak else float("nan")
-    table = print_table(
-        f"{gpu_name}: edit {size}x{size}",
-        ["case", "runtime", "s/step", "s/image", "peak GiB", "tokens", "TFLOP/s", "MFU"],
-        [
-            [r["case"], r["runtime"], r["s_step"], r["s_image"], r["peak_gib"], r["tokens"], r["tflops_s"], r["mfu"]]
-            for r in rows
-        ],
-    )
-    write_json(
-        out / "gpu.json", {"device": gpu_name, "size": size, "rows": rows, "skipped": report.skipped, "table": table}
-    )
-    (out / "gpu.md").write_text(table + "\n")
+    if not args.smoke and not torch.cuda.is_available():
+        print("benchmarks.gpu: no CUDA GPU here; --smoke runs every phase on the CPU", file=sys.stderr)
+        return 2
+    budget = args.budget_s if args.budget_s is not None else (1200.0 if args.smoke else 540.0)
+    run = Run(smoke=args.smoke, out=args.out.resolve(), budget_s=budget)
+    (run.out / "gpu.jsonl").unlink(missing_ok=True)
+    phases = set(args.phases.split(","))
+    backend, batched_cfg = phase_transformer(run) if "1" in phases else ("native", False)
+    free_device()  # the phase's models went with its frame
+    if "2" in phases:
+        phase_pipeline(run, backend, batched_cfg)
+        free_device()
+    if "3" in phases:
+        from benchmarks.memory_modes import phase_memory
+
+        phase_memory(run)
+    tables(run.rows, run.describe(), echo=True)
     return 0
 
 

@@ -1,194 +1,138 @@
-"""Peak GPU memory and seconds per step of every memory mode, on the real-size architecture.
+"""Phase 3 of the truth table: each memory mode in a fresh subprocess, on the real architecture with
+random weights, placed by the server's own code (pipelines.memory.apply_plan) and run through its
+runner: seconds per step (step differencing), the device's peak, the process's host RAM peak,
+beside the planner's estimates (pipelines/plan.py).
 
-The weights' values do not change time or memory, so the real components are built from the real
-configs with random bf16 weights (on the meta device, then materialised) and run through the same
-loader placement (pipelines.memory.apply_plan) and runner as the server. ``--tiny`` runs the same
-code on the tiny model on the CPU (CI runs it, so the script cannot rot).
-
-    python -m benchmarks.memory_modes --tiny                         # CPU, seconds
-    python -m benchmarks.memory_modes --modes full,group-block --steps 8 --out benchmarks/MEMORY_MODES.md
+    python -m benchmarks.memory_modes --out bench-out                 # every mode, one subprocess each (GPU)
+    python -m benchmarks.memory_modes --one group-block:none --json   # one mode in this process
+    python -m benchmarks.memory_modes --smoke --out bench-out         # the same on the CPU, real widths
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-from dataclasses import asdict, dataclass
+import resource
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from pipelines.memory import MODES, MemoryPlan, apply_plan, estimated_peak_gb
-from pipelines.registry import get_variant
-from pipelines.runner import EditInputs, EditRunner
-
-# The real configs (transformer/config.json, text_encoder/config.json of Qwen/Qwen-Image-Edit).
-TRANSFORMER = {
-    "patch_size": 2,
-    "in_channels": 64,
-    "out_channels": 16,
-    "num_layers": 60,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 3584,
-    "guidance_embeds": False,
-    "axes_dims_rope": (16, 56, 56),
-}
-TEXT = {
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "vocab_size": 152064,
-    "rope_theta": 1000000.0,
-    "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
-}
-VISION = {
-    "depth": 32,
-    "hidden_size": 1280,
-    "intermediate_size": 3420,
-    "num_heads": 16,
-    "out_hidden_size": 3584,
-    "fullatt_block_indexes": [7, 15, 23, 31],
-    "window_size": 112,
-}
+MODES = ("full:none", "text-encoder-offload:none", "model-offload:none", "group-block:none", "group-leaf:none")
+# On the CPU smoke run, the mode with both streaming kinds (the transformer block by block, the
+# text encoder leaf by leaf) beside phase 2's resident pipeline: a step at real width costs ~13 s.
+SMOKE_MODES = ("group-block:none",)
+QUANTIZED = ("full:fp8", "text-encoder-offload:fp8", "group-block:fp8", "full:int8")
 
 
-@dataclass
-class Row:
-    mode: str
-    quantize: str
-    device: str
-    steps: int
-    seconds_per_step: float | None
-    peak_gb: float | None
-    estimated_peak_gb: float
-    note: str = ""
-
-
-def _materialise(module: Any, dtype: Any) -> Any:
-    """Meta parameters -> CPU tensors with random values (N(0, 0.02)); buffers were built for real."""
+def measure_one(mode: str, quantize: str, smoke: bool) -> dict[str, Any]:
+    """Build, place and run one mode in this process; its row."""
     import torch
+    from PIL import Image
 
-    for sub in module.modules():
-        for name, param in list(sub._parameters.items()):
-            if param is not None and param.device.type == "meta":
-                data = torch.empty(param.shape, dtype=dtype, device="cpu").normal_(0.0, 0.02)
-                sub._parameters[name] = torch.nn.Parameter(data, requires_grad=False)
-    return module.to(dtype)
+    from pipelines.architecture import build_pipeline
+    from pipelines.memory import MemoryPlan, apply_plan, quantize_transformer, resident_on
+    from pipelines.plan import estimate, sizes_of
+    from pipelines.registry import get_variant
+    from pipelines.runner import EditInputs, EditRunner
 
-
-def build_real_size(variant: str, dtype: Any) -> Any:
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from weights.tiny import SCHEDULER_CONFIG, SPECIAL_TOKENS, build_processor, build_tokenizer
-
-    spec = get_variant(variant)
-    tokenizer = build_tokenizer()  # the real tokenizer is not reachable offline; its size is irrelevant here
-    ids = {t: int(tokenizer.convert_tokens_to_ids(t)) for t in SPECIAL_TOKENS}  # type: ignore[arg-type]
-    # Parameters on the meta device (no memory), buffers (rotary tables) built for real.
-    with init_empty_weights(include_buffers=False):
-        transformer = QwenImageTransformer2DModel(**TRANSFORMER, zero_cond_t=spec.zero_cond_t)  # type: ignore[arg-type]
-        config = Qwen2_5_VLConfig(
-            text_config={**TEXT, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]},
-            vision_config=VISION,
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-        )
-        text_encoder = Qwen2_5_VLForConditionalGeneration(config)
-    vae = AutoencoderKLQwenImage().to(dtype)  # type: ignore[attr-defined]  # small (127 M): built for real
-    transformer = _materialise(transformer, dtype)
-    text_encoder = _materialise(text_encoder, dtype)
-    return spec.pipeline_class()(
-        transformer=transformer,
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),  # type: ignore[arg-type]
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        processor=build_processor(tokenizer),
-    )
-
-
-def run_mode(mode: str, quantize: str, *, tiny: bool, variant: str, steps: int, size: int) -> Row:
-    import torch
-
-    from weights.tiny import build_tiny_pipeline
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    estimate = estimated_peak_gb(mode, quantize)
+    variant = get_variant("edit")
+    device = "cpu" if smoke else "cuda"
+    row: dict[str, Any] = {"mode": mode, "quantize": quantize}
     if mode == "model-offload" and device == "cpu":
-        return Row(mode, quantize, device, 0, None, None, estimate, "skipped: needs a GPU")
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    pipe = build_tiny_pipeline(variant) if tiny else build_real_size(variant, dtype)
-    if tiny:
-        pipe.to(dtype)
-    apply_plan(pipe, MemoryPlan(mode, quantize, estimate, "benchmark"), device)  # type: ignore[arg-type]
-    pipe.set_progress_bar_config(disable=True)
-    runner = EditRunner(pipe, get_variant(variant), device)
+        return {**row, "error": "needs a GPU (diffusers' enable_model_cpu_offload refuses the CPU)"}
+    dtype = torch.float32 if smoke else torch.bfloat16
+    plan = MemoryPlan(mode, quantize, None, "benchmark")  # type: ignore[arg-type]
+    # Resident components are built on the device, streamed ones in host RAM, as the loader places them.
+    pipe = build_pipeline(
+        variant, "smoke" if smoke else "real", device="cpu", dtype=dtype, devices=resident_on(plan, device)
+    )
+    # The planner's estimate for what was built (the real sizes on a GPU; the smoke ones, in fp32, on the CPU).
+    est = estimate(mode, quantize, sizes_of(pipe.transformer, pipe.text_encoder, pipe.vae))
+    row.update(estimated_peak_gb=est.peak_gb, estimated_host_ram_gb=est.host_ram_gb)
+    if quantize != "none":
+        quantize_transformer(pipe.transformer, quantize)  # what the loader's TorchAoConfig does at load
+    apply_plan(pipe, plan, device)
+    runner = EditRunner(pipe, variant, device)
+    size = 256 if smoke else 1024
     image = Image.new("RGB", (size, size), (120, 80, 40))
+    short, long = 2, 4
 
-    def once(n: int) -> float:
-        inputs = EditInputs([image], "benchmark", seed=0, num_inference_steps=n, width=size, height=size)
-        return runner(inputs).seconds
+    def once(steps: int) -> float:
+        inputs = EditInputs([image], "benchmark", seed=0, num_inference_steps=steps, width=size, height=size)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        runner(inputs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
 
-    once(2)  # warm-up: kernels, allocator, offload hooks
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    # Two runs that differ only in step count: the difference is the denoising steps alone.
-    short = once(2)
-    full = once(steps + 2)
-    peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
-    return Row(mode, quantize, device, steps, (full - short) / steps, peak, estimate, "tiny model" if tiny else "")
+    if smoke:  # the code path, once: a step at real width costs ~10 s on a CPU
+        row["note"] = f"the code path: 1 step in {once(1):.0f} s on the CPU"
+        row["host_ram_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+        return row
+    once(short)  # warm-up: kernels, the allocator, the offload hooks' first onload (its peak counts)
+    a, b = once(short), once(long)
+    free, total = torch.cuda.mem_get_info()
+    row["s_per_step"] = (b - a) / (long - short)
+    row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    row["reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+    row["device_used_gb"] = (total - free) / 1e9
+    row["host_ram_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return row
 
 
-def table(rows: list[Row], device_name: str) -> str:
-    lines = [
-        f"GPU: {device_name}",
-        "",
-        "| mode | quantize | s/step | peak GB (measured) | peak GB (estimate) | note |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        sps = f"{r.seconds_per_step:.3f}" if r.seconds_per_step is not None else "-"
-        peak = f"{r.peak_gb:.1f}" if r.peak_gb is not None else "-"
-        lines.append(f"| {r.mode} | {r.quantize} | {sps} | {peak} | {r.estimated_peak_gb:.1f} | {r.note} |")
-    return "\n".join(lines) + "\n"
+def phase_memory(run: Any) -> None:
+    """Every mode (then the quantized ones) in a subprocess of its own, while the budget lasts."""
+    import importlib.util
+
+    items = list(SMOKE_MODES if run.smoke else MODES)
+    if not run.smoke and importlib.util.find_spec("torchao") is not None:
+        items += list(QUANTIZED)
+    for item in items:
+        mode, _, quantize = item.partition(":")
+        left = run.left()
+        if left < 90:
+            run.record("3-memory", mode=mode, quantize=quantize, error="budget spent")
+            continue
+        cmd = [sys.executable, "-m", "benchmarks.memory_modes", "--one", item, "--json"]
+        cmd += ["--smoke"] if run.smoke else []
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left - 30)
+        except subprocess.TimeoutExpired:
+            run.record("3-memory", mode=mode, quantize=quantize, error="timed out within the budget")
+            continue
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            run.record("3-memory", mode=mode, quantize=quantize, error=f"exit {proc.returncode}: {tail[0][:300]}")
+            continue
+        run.record("3-memory", **json.loads(lines[-1]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="the tiny model on whatever device (CI)")
-    parser.add_argument("--variant", default="edit")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma list; name:fp8 / name:int8 to quantize")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--size", type=int, default=1024, help="output side in pixels (tiny: 64)")
-    parser.add_argument("--out", type=Path, help="write the markdown table here")
+    parser.add_argument("--one", help="mode:quantize, measured in this process")
+    parser.add_argument("--json", action="store_true", help="print the row as one JSON line")
+    parser.add_argument("--smoke", action="store_true", help="on the CPU, real widths, 1-2 layers")
+    parser.add_argument("--budget-s", type=float, default=540.0)
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args(argv)
-    size = 64 if args.tiny and args.size == 1024 else args.size
-    rows = []
-    for item in args.modes.split(","):
-        mode, _, quantize = item.partition(":")
-        row = run_mode(mode, quantize or "none", tiny=args.tiny, variant=args.variant, steps=args.steps, size=size)
-        print(json.dumps(asdict(row)), flush=True)
-        gc.collect()  # the mode's pipeline went out of scope: free it before the next one
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        rows.append(row)
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
-    text = table(rows, name)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    if args.one:
+        mode, _, quantize = args.one.partition(":")
+        try:
+            row = measure_one(mode, quantize or "none", args.smoke)
+        except Exception as exc:  # one mode's failure is its row, not the table's end
+            row = {"mode": mode, "quantize": quantize or "none", "error": f"{type(exc).__name__}: {exc}"[:300]}
+        print(json.dumps(row, allow_nan=False) if args.json else row, flush=True)
+        return 0
+    from benchmarks.gpu import Run, tables
+
+    run = Run(smoke=args.smoke, out=args.out.resolve(), budget_s=args.budget_s)
+    phase_memory(run)
+    tables(run.rows, run.describe(), echo=True)
     return 0
 
 

@@ -23,19 +23,45 @@ class ModelLoadError(RuntimeError):
     """The model cannot be loaded; the message says what to do about it."""
 
 
-def resolve_device(setting: str) -> str:
+def resolve_device(setting: str, *, real_weights: bool = False) -> str:
+    """The torch device to run on. ``auto`` is the GPU where CUDA works; without one, the CPU only
+    for the tiny model: the real 20 B weights on a CPU (about 115 GB of RAM in fp32, minutes a step)
+    are a misconfiguration to report, not a fallback to take quietly."""
     import torch
 
     if setting != "auto":
         if setting.startswith("cuda") and not torch.cuda.is_available():
-            raise ModelLoadError(f"device {setting!r} was asked for, but CUDA is not available on this machine")
+            raise ModelLoadError(f"device {setting!r} was asked for, but CUDA is not available: {_cuda_problem()}")
         return setting
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if real_weights:
+        raise ModelLoadError(
+            f"no usable GPU for the real model ({_cuda_problem()}). Fix the CUDA setup, or set "
+            "QWEN_EDIT_DEVICE=cpu to run the 20 B model on the CPU anyway (about 115 GB of RAM, very slow)"
+        )
+    return "cpu"
+
+
+def _cuda_problem() -> str:
+    """Why torch sees no GPU, in one line (a CPU-only build, a driver too old for the wheel...)."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build"
+    try:
+        torch.cuda.init()
+    except Exception as exc:
+        return f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot start CUDA: {str(exc).splitlines()[0]}"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no GPU (CUDA_VISIBLE_DEVICES, container GPUs?)"
 
 
 def resolve_dtype(setting: str, device: str) -> Any:
     import torch
 
+    if setting == "float16":
+        # Qwen-Image's activations overflow fp16's range: the outputs turn to NaN (black images).
+        raise ModelLoadError("QWEN_EDIT_DTYPE=float16 is not supported: Qwen-Image overflows in fp16; use bfloat16")
     if setting == "auto":
         # bf16 halves memory and runs on the tensor cores; CPUs compute it slowly, so use fp32 there.
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -118,16 +144,47 @@ def quiet_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_pipeline(source: str, variant: Variant, *, device: str, dtype: Any, memory: MemoryPlan | None = None) -> Any:
-    """Load ``variant`` from a folder or Hub id, placed per ``memory`` (default: all on ``device``)."""
-    from pipelines.memory import apply_plan
+def load_pipeline(
+    source: str,
+    variant: Variant,
+    *,
+    device: str,
+    dtype: Any,
+    memory: MemoryPlan | None = None,
+    fp8_dynamic: bool = False,
+) -> Any:
+    """Load ``variant`` from a folder or Hub id, placed per ``memory`` (default: all on ``device``).
 
+    The components the plan keeps resident are loaded straight onto a GPU (never staged in host
+    RAM); the transformer is quantized while it loads (weight-only fp8/int8, or fp8 with dynamic
+    activations for ``fp8_dynamic``), before any placement."""
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from pipelines.memory import apply_plan, quantization_config, resident_on
+
+    plan = memory or MemoryPlan("full", "none", None, "default")
     source = resolve_source(source)
     check_model_folder(source, variant)
     quiet_progress_bars()
     cls = variant.pipeline_class()
+    targets = resident_on(plan, device)
+    qconfig = quantization_config(plan.quantize, fp8_dynamic)
     try:
-        pipe = cls.from_pretrained(source, dtype=dtype)
+        parts: dict[str, Any] = {}
+        if qconfig is not None or targets["transformer"].startswith("cuda"):
+            parts["transformer"] = QwenImageTransformer2DModel.from_pretrained(
+                source,
+                subfolder="transformer",
+                dtype=dtype,
+                quantization_config=qconfig,
+                **_placed(targets["transformer"]),
+            )
+        if targets["text_encoder"].startswith("cuda"):
+            parts["text_encoder"] = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                source, subfolder="text_encoder", dtype=dtype, device_map=targets["text_encoder"]
+            )
+        pipe = cls.from_pretrained(source, dtype=dtype, **parts)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load {variant.pipeline} from {source!r}: {exc}") from exc
     if bool(getattr(pipe.transformer.config, "zero_cond_t", False)) != variant.zero_cond_t:
@@ -136,5 +193,10 @@ def load_pipeline(source: str, variant: Variant, *, device: str, dtype: Any, mem
             f"{variant.name!r} needs zero_cond_t={variant.zero_cond_t}; set QWEN_EDIT_VARIANT to match the weights"
         )
     pipe.set_progress_bar_config(disable=True)
-    apply_plan(pipe, memory or MemoryPlan("full", "none", 0.0, "default"), device)
+    apply_plan(pipe, plan, device)
     return pipe
+
+
+def _placed(target: str) -> dict[str, Any]:
+    # Straight onto a GPU; on the CPU the plain load is already where the weights belong.
+    return {"device_map": target} if target.startswith("cuda") else {}

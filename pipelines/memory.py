@@ -1,147 +1,159 @@
-"""Memory modes: where the pipeline's weights live while it runs, chosen from the free GPU memory.
+"""Where a pipeline's weights live while it runs: placement per memory plan (pipelines/plan.py).
 
-| mode                 | what stays on the GPU                                   |
-|----------------------|---------------------------------------------------------|
-| full                 | everything                                              |
-| text-encoder-offload | transformer + VAE; the text encoder streams in per leaf |
-| model-offload        | one whole component at a time (enable_model_cpu_offload)|
-| group-block          | one transformer block at a time, prefetched on a stream |
-| group-leaf           | one layer at a time, prefetched on a stream             |
+Each component gets the granularity the plan's estimate assumes:
 
-``quantize`` (none, fp8, int8) turns the transformer into weight-only fp8 or int8 via torchao,
-halving its 40.9 GB; it combines with any mode. The peak numbers below are estimates from the
-parameter counts (MODEL.md), not measurements: see README "Memory modes".
+| mode                 | transformer                  | text encoder   | VAE            |
+|----------------------|------------------------------|----------------|----------------|
+| full                 | resident                     | resident       | resident       |
+| text-encoder-offload | resident                     | leaf by leaf   | resident       |
+| model-offload        | one component at a time (diffusers' enable_model_cpu_offload)  |
+| group-block          | block by block, 1 prefetched | leaf by leaf   | resident       |
+| group-leaf           | leaf by leaf                 | leaf by leaf   | leaf by leaf   |
+
+(Block-level offloading streams only a module's *direct* ``ModuleList`` children, and Qwen2.5-VL's
+layers sit two levels down: at block level it would stream as one 16.6 GB group. Hence leaf level
+for it.) Streams prefetch the next group where the device is a GPU; ``low_cpu_mem_usage`` pins
+host tensors as they are used instead of a pinned copy of every group up front. The weights of
+resident components are loaded straight onto the device (pipelines/loader.py): ``resident_on``
+says which.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 
+from pipelines.plan import MODES, QUANTIZE, MemoryMode, MemoryPlan, Quantize
+
 log = structlog.get_logger(__name__)
 
-MemoryMode = Literal["full", "text-encoder-offload", "model-offload", "group-block", "group-leaf"]
-Quantize = Literal["none", "fp8", "int8"]
-MODES: tuple[str, ...] = ("full", "text-encoder-offload", "model-offload", "group-block", "group-leaf")
-QUANTIZE: tuple[str, ...] = ("none", "fp8", "int8")
+__all__ = [
+    "MODES",
+    "QUANTIZE",
+    "MemoryMode",
+    "MemoryPlan",
+    "Quantize",
+    "apply_plan",
+    "offload_groups_gb",
+    "resident_on",
+    "streamed",
+]
 
-GB = 1e9
-# bf16 sizes of the real components (MODEL.md) and a margin for activations at ~1 MP with CFG.
-TRANSFORMER_GB = 40.9
-TEXT_ENCODER_GB = 16.6
-VAE_GB = 0.25
-ACTIVATIONS_GB = 4.0  # estimate: latents, attention at ~9.6 k tokens, CUDA context
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    mode: MemoryMode
-    quantize: Quantize
-    estimated_peak_gb: float
-    reason: str
-
-
-def estimated_peak_gb(mode: str, quantize: str = "none") -> float:
-    """Estimated peak GPU memory of a mode (parameter counts + an activation margin; unmeasured)."""
-    transformer = TRANSFORMER_GB / 2 if quantize in ("fp8", "int8") else TRANSFORMER_GB
-    block = transformer / 60  # one of 60 transformer blocks
-    if mode == "full":
-        return transformer + TEXT_ENCODER_GB + VAE_GB + ACTIVATIONS_GB
-    if mode == "text-encoder-offload":
-        return transformer + VAE_GB + ACTIVATIONS_GB + 1.0  # + the text encoder's largest streamed layer
-    if mode == "model-offload":
-        return max(transformer, TEXT_ENCODER_GB) + ACTIVATIONS_GB
-    if mode == "group-block":
-        return 2 * block + VAE_GB + ACTIVATIONS_GB + 1.0  # current + prefetched block
-    if mode == "group-leaf":
-        return VAE_GB + ACTIVATIONS_GB + 1.0
-    raise ValueError(f"unknown memory mode {mode!r}; known: {', '.join(MODES)}")
+_RESIDENT: dict[str, tuple[str, ...]] = {
+    "full": ("transformer", "text_encoder", "vae"),
+    "text-encoder-offload": ("transformer", "vae"),
+    "model-offload": (),
+    "group-block": ("vae",),
+    "group-leaf": (),
+}
 
 
-def choose_plan(free_gb: float | None, *, fp8_supported: bool = False, headroom: float = 0.9) -> MemoryPlan:
-    """The fastest mode whose estimated peak fits ``headroom * free_gb`` (None: no GPU)."""
-    if free_gb is None:
-        return MemoryPlan("full", "none", 0.0, "no GPU: everything on the CPU")
-    budget = free_gb * headroom
-    candidates: list[tuple[MemoryMode, Quantize]] = [("full", "none"), ("text-encoder-offload", "none")]
-    if fp8_supported:  # fp8 halves the transformer with little quality loss, and keeps it resident
-        candidates += [("full", "fp8"), ("text-encoder-offload", "fp8")]
-    candidates += [("group-block", "none"), ("group-leaf", "none")]
-    for mode, quant in candidates:
-        peak = estimated_peak_gb(mode, quant)
-        if peak <= budget:
-            return MemoryPlan(mode, quant, peak, f"estimated peak {peak:.1f} GB fits {budget:.1f} GB usable")
-    peak = estimated_peak_gb("group-leaf")
-    return MemoryPlan("group-leaf", "none", peak, f"only {free_gb:.1f} GB free: the smallest mode, it may not fit")
+def resident_on(plan: MemoryPlan, device: str) -> dict[str, str]:
+    """Each component's device at load time: ``device`` for the resident ones, else the CPU."""
+    resident = _RESIDENT[plan.mode]
+    return {name: device if name in resident else "cpu" for name in ("transformer", "text_encoder", "vae")}
 
 
-def gpu_facts(device: str) -> tuple[float | None, bool]:
-    """(free GB on ``device``, whether it computes fp8) — (None, False) off the GPU."""
-    import torch
-
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        return None, False
-    index = torch.device(device).index or 0
-    free, _total = torch.cuda.mem_get_info(index)
-    return free / GB, torch.cuda.get_device_capability(index) >= (8, 9)
-
-
-def resolve_plan(mode: str, quantize: str, device: str) -> MemoryPlan:
-    """Settings (``auto`` or a name) to a plan for ``device``."""
-    if mode not in ("auto", *MODES):
-        raise ValueError(f"unknown memory mode {mode!r}; known: auto, {', '.join(MODES)}")
-    if quantize not in ("auto", *QUANTIZE):
-        raise ValueError(f"unknown quantize {quantize!r}; known: auto, {', '.join(QUANTIZE)}")
-    free, fp8 = gpu_facts(device)
-    auto = choose_plan(free, fp8_supported=fp8)
-    chosen_mode = auto.mode if mode == "auto" else mode
-    chosen_quant = (auto.quantize if mode == "auto" else "none") if quantize == "auto" else quantize
-    reason = auto.reason if mode == "auto" and quantize == "auto" else "set in Settings"
-    return MemoryPlan(chosen_mode, chosen_quant, estimated_peak_gb(chosen_mode, chosen_quant), reason)  # type: ignore[arg-type]
+def streamed(plan: MemoryPlan) -> dict[str, str]:
+    """The offload granularity of each streamed component ("block_level" / "leaf_level")."""
+    if plan.mode == "text-encoder-offload":
+        return {"text_encoder": "leaf_level"}
+    if plan.mode == "group-block":
+        return {"transformer": "block_level", "text_encoder": "leaf_level"}
+    if plan.mode == "group-leaf":
+        return {"transformer": "leaf_level", "text_encoder": "leaf_level", "vae": "leaf_level"}
+    return {}
 
 
-def quantize_transformer(pipe: Any, quantize: str) -> None:
-    """Weight-only fp8 or int8 transformer through torchao's ``quantize_``."""
-    if quantize == "none":
-        return
-    try:
-        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
-    except ImportError as exc:
-        raise RuntimeError("quantize needs torchao: pip install 'qwen-edit-server[quant]'") from exc
-    config = Float8WeightOnlyConfig() if quantize == "fp8" else Int8WeightOnlyConfig()
-    quantize_(pipe.transformer, config)
+def offload_groups_gb(module: Any) -> list[float]:
+    """The size (GB) of each group diffusers' group offloading installed in ``module``: what moves to
+    the device at once. The planner's estimates assume the largest of these (tests hold them to it)."""
+    seen: dict[int, float] = {}
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        hook = registry.get_hook("group_offloading") if registry is not None else None
+        group = getattr(hook, "group", None)
+        if group is None or id(group) in seen:
+            continue
+        tensors = {id(t): t for m in group.modules for t in (*m.parameters(), *m.buffers())}
+        tensors.update({id(t): t for t in (*group.parameters, *group.buffers)})
+        seen[id(group)] = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e9
+    return list(seen.values())
 
 
 def apply_plan(pipe: Any, plan: MemoryPlan, device: str) -> None:
     """Place ``pipe`` per ``plan``. Group offloading uses CUDA streams when ``device`` is a GPU; with
     ``device="cpu"`` the same hooks run (onload to the CPU), which is how the tests exercise them."""
     import torch
+    from diffusers.hooks import apply_group_offloading
 
-    quantize_transformer(pipe, plan.quantize)
     on_gpu = device.startswith("cuda")
-    onload = torch.device(device)
-    if plan.mode == "full":
-        pipe.to(device)
-    elif plan.mode == "model-offload":
+    if plan.mode == "model-offload":
         if not on_gpu:
             raise RuntimeError("model-offload needs a GPU (diffusers' enable_model_cpu_offload refuses the CPU)")
         pipe.enable_model_cpu_offload(device=device)
-    elif plan.mode == "text-encoder-offload":
-        pipe.enable_group_offload(
-            onload_device=onload,
-            offload_device=torch.device("cpu"),
-            offload_type="leaf_level",
-            use_stream=on_gpu,
-            exclude_modules=["transformer", "vae"],  # these are moved to the GPU whole
-        )
     else:
-        pipe.enable_group_offload(
-            onload_device=onload,
-            offload_device=torch.device("cpu"),
-            offload_type="block_level" if plan.mode == "group-block" else "leaf_level",
-            num_blocks_per_group=1 if plan.mode == "group-block" else None,
-            use_stream=on_gpu,
+        for name, offload_type in streamed(plan).items():
+            apply_group_offloading(
+                getattr(pipe, name),
+                onload_device=torch.device(device),
+                offload_device=torch.device("cpu"),
+                offload_type=offload_type,
+                num_blocks_per_group=1 if offload_type == "block_level" else None,
+                use_stream=on_gpu,
+                low_cpu_mem_usage=True,
+            )
+        for name in _RESIDENT[plan.mode]:
+            getattr(pipe, name).to(device)  # a no-op where the loader put it there already
+    log.info(
+        "memory plan applied",
+        mode=plan.mode,
+        quantize=plan.quantize,
+        device=device,
+        estimated_peak_gb=plan.estimated_peak_gb,
+        host_ram_gb=plan.host_ram_gb,
+    )
+
+
+# Only the blocks' linear layers are quantized: the embedders, norms and output layer stay in bf16.
+KEEP_IN_BF16 = ("time_text_embed", "img_in", "txt_in", "txt_norm", "norm_out", "proj_out")
+
+
+def _torchao_config(quantize: str, fp8_dynamic: bool) -> Any:
+    try:
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Float8WeightOnlyConfig,
+            Int8WeightOnlyConfig,
+            PerRow,
         )
-    log.info("memory plan applied", mode=plan.mode, quantize=plan.quantize, estimated_peak_gb=plan.estimated_peak_gb)
+    except ImportError as exc:
+        raise RuntimeError("quantization needs torchao: pip install 'qwen-edit-server[quant]'") from exc
+    if fp8_dynamic:
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    if quantize == "fp8":
+        return Float8WeightOnlyConfig()
+    return Int8WeightOnlyConfig()
+
+
+def quantization_config(quantize: str, fp8_dynamic: bool) -> Any:
+    """The transformer's load-time torchao quantization (weight-only fp8 / int8, or fp8 with dynamic
+    activations for the speed setting), for its ``from_pretrained``: quantized while it loads,
+    before any placement. None: bf16 as stored."""
+    if quantize == "none" and not fp8_dynamic:
+        return None
+    from diffusers import TorchAoConfig
+
+    return TorchAoConfig(_torchao_config(quantize, fp8_dynamic), modules_to_not_convert=list(KEEP_IN_BF16))
+
+
+def quantize_transformer(transformer: Any, quantize: str, fp8_dynamic: bool = False) -> None:
+    """The same quantization on a transformer already built (the benchmarks' random weights), in place."""
+    from torchao.quantization import quantize_
+
+    quantize_(
+        transformer,
+        _torchao_config(quantize, fp8_dynamic),
+        filter_fn=lambda mod, fqn: mod.__class__.__name__ == "Linear" and not fqn.startswith(KEEP_IN_BF16),
+    )

@@ -3,10 +3,14 @@
 Each is independent and reported: what was applied, and what was skipped and why.
 
 - batched CFG: the conditional and unconditional transformer passes of a true-CFG step run as one
-  forward of batch 2 (prompt embeddings padded to one length, masks marking the padding);
+  forward of batch 2 (a diffusers ``ModelHook`` on the transformer; prompt embeddings padded to one
+  length where they differ, with a mask, except on attention backends that take no mask: there the
+  passes of unequal length stay two). Off by default until a GPU measures it: with a mask, PyTorch's
+  SDPA leaves its flash kernel;
 - attention backend: diffusers' attention dispatcher (``transformer.set_attention_backend``);
 - regional ``torch.compile`` of the repeated transformer blocks, shapes marked dynamic;
-- fp8 dynamic-activation linear layers (torchao), on GPUs with fp8 tensor cores;
+- fp8 dynamic-activation linear layers (torchao), on GPUs with fp8 tensor cores: applied by the
+  loader while the transformer loads (``fp8_dynamic``), before any placement;
 - step caching (cache-dit's DBCache), a quality/speed trade-off, off by default;
 - the condition cache (pipelines/cache.py): encodings of repeated input images reused, exactly.
 """
@@ -24,12 +28,13 @@ from pipelines.cache import ConditionCache
 
 log = structlog.get_logger(__name__)
 
+_GROUP_OFFLOADING = "group_offloading"  # diffusers.hooks.group_offloading's hook name
 ATTENTION_BACKENDS = ("default", "native", "flash", "_flash_3", "sage", "_native_cudnn", "_native_flash", "xformers")
 
 
 @dataclass(frozen=True)
 class SpeedConfig:
-    batched_cfg: bool = True
+    batched_cfg: bool = False
     attention_backend: str = "default"  # "default": leave diffusers' choice alone
     compile: bool = False
     fp8: bool = False
@@ -68,8 +73,12 @@ def apply_speed(pipe: Any, config: SpeedConfig, device: str) -> SpeedReport:
     report = SpeedReport()
     if config.attention_backend != "default":
         set_attention_backend(pipe.transformer, config.attention_backend, report)
-    if config.fp8:
-        quantize_fp8(pipe.transformer, device, report)
+    if config.fp8:  # the loader quantized at load time (load_pipeline's fp8_dynamic)
+        reason = fp8_unavailable_reason(device)
+        if reason:
+            report.skip("fp8", reason)
+        else:
+            report.applied.append("fp8")
     if config.step_cache:
         enable_step_cache(pipe, config, report)
     if config.condition_cache > 0:
@@ -102,6 +111,19 @@ def set_attention_backend(transformer: Any, backend: str, report: SpeedReport) -
     report.applied.append(f"attention_backend={backend}")
 
 
+def reset_attention_backend(transformer: Any) -> None:
+    """Back to diffusers' default attention. ``set_attention_backend`` also sets a process-wide
+    active backend (diffusers 0.42's ``_AttentionBackendRegistry``) that every other model in the
+    process then uses: resetting the model's processors alone would leave it behind."""
+    from diffusers.models.attention_dispatch import DIFFUSERS_ATTN_BACKEND, _AttentionBackendRegistry
+
+    for module in transformer.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(processor, "_attention_backend"):
+            processor._attention_backend = None
+    _AttentionBackendRegistry.set_active_backend(DIFFUSERS_ATTN_BACKEND)
+
+
 # --- regional compile --------------------------------------------------------------------
 
 
@@ -112,13 +134,23 @@ def compile_blocks(transformer: Any, report: SpeedReport) -> None:
     # Image and text lengths change with the size and prompt: compile with dynamic shapes from
     # the start, so the common sizes share one graph instead of recompiling at each new size.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # Group offloading runs compiler-disabled hooks around each block: a full graph cannot trace
+    # them (every job would fail), so offloaded blocks compile in pieces around the hooks.
+    fullgraph = not offloaded(transformer)
     if hasattr(transformer, "compile_repeated_blocks"):
-        transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
-        report.applied.append("compile=repeated_blocks")
-        return
-    for block in transformer.transformer_blocks:  # pragma: no cover - older diffusers
-        block.compile(fullgraph=True, dynamic=True)
-    report.applied.append("compile=per_block")
+        transformer.compile_repeated_blocks(fullgraph=fullgraph, dynamic=True)
+    else:  # pragma: no cover - older diffusers
+        for block in transformer.transformer_blocks:
+            block.compile(fullgraph=fullgraph, dynamic=True)
+    report.applied.append("compile=repeated_blocks" + ("" if fullgraph else " (graph breaks at the offload hooks)"))
+
+
+def offloaded(module: Any) -> bool:
+    """Whether diffusers' group offloading hooks run inside ``module``."""
+    return any(
+        getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook.get_hook(_GROUP_OFFLOADING) is not None
+        for m in module.modules()
+    )
 
 
 # --- fp8 ---------------------------------------------------------------------------------
@@ -136,22 +168,6 @@ def fp8_unavailable_reason(device: str) -> str | None:
     except ImportError:
         return "torchao is not installed (pip install torchao)"
     return None
-
-
-def quantize_fp8(transformer: Any, device: str, report: SpeedReport) -> None:
-    reason = fp8_unavailable_reason(device)
-    if reason:
-        report.skip("fp8", reason)
-        return
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-    # Only the large linear layers of the blocks: the embedders and output layer stay bf16.
-    quantize_(
-        transformer,
-        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-        filter_fn=lambda mod, fqn: fqn.startswith("transformer_blocks.") and mod.__class__.__name__ == "Linear",
-    )
-    report.applied.append("fp8")
 
 
 # --- step caching ------------------------------------------------------------------------
@@ -206,32 +222,45 @@ class BatchedCFG:
     We record the two encodings; at the cond call we run both halves at once, return the cond
     half and keep the uncond half for the uncond call that follows. Anything else (no CFG, other
     inputs) goes through the transformer unchanged.
+
+    The transformer side is a diffusers ``ModelHook`` in the model's hook registry, so it composes
+    with group offloading, model offload and LoRA loading (which re-apply their own hooks) instead
+    of being lost under them. Where the two prompts differ in length the batch needs a padding
+    mask; an attention backend that refuses masks (flash, sage...) says so on the first try, and
+    from then on such steps run as two passes.
     """
 
+    NAME = "qwen_edit_batched_cfg"
+
     def __init__(self, pipe: Any) -> None:
-        self.transformer = pipe.transformer
-        self._forward = pipe.transformer.forward
         self._encode = pipe.encode_prompt
         self._encoded: deque[Any] = deque(maxlen=2)
         self._stash: tuple[Any, Any, Any] | None = None  # (latents, negative embeds, uncond output)
         self.batched_calls = 0
+        self.masks_supported = True
+        self.hook = _BatchedCFGHook(self)
 
     @classmethod
     def install(cls, pipe: Any) -> BatchedCFG:
+        from diffusers.hooks import HookRegistry
+
         if isinstance(getattr(pipe, "_batched_cfg", None), BatchedCFG):
             return pipe._batched_cfg  # type: ignore[no-any-return]
-        hook = cls(pipe)
-        pipe.encode_prompt = hook.encode_prompt
-        pipe.transformer.forward = hook.forward
-        pipe._batched_cfg = hook
-        return hook
+        batched = cls(pipe)
+        pipe.encode_prompt = batched.encode_prompt
+        HookRegistry.check_if_exists_or_initialize(pipe.transformer).register_hook(batched.hook, cls.NAME)
+        _keep_new_forward(batched.hook.fn_ref)
+        pipe._batched_cfg = batched
+        return batched
 
     @classmethod
     def uninstall(cls, pipe: Any) -> None:
-        hook = getattr(pipe, "_batched_cfg", None)
-        if isinstance(hook, BatchedCFG):
-            pipe.encode_prompt = hook._encode
-            pipe.transformer.forward = hook._forward
+        from diffusers.hooks import HookRegistry
+
+        batched = getattr(pipe, "_batched_cfg", None)
+        if isinstance(batched, BatchedCFG):
+            pipe.encode_prompt = batched._encode
+            HookRegistry.check_if_exists_or_initialize(pipe.transformer).remove_hook(cls.NAME, recurse=False)
             del pipe._batched_cfg
 
     def encode_prompt(self, *args: Any, **kwargs: Any) -> Any:
@@ -240,11 +269,11 @@ class BatchedCFG:
         self._stash = None
         return out
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, forward: Any, *args: Any, **kwargs: Any) -> Any:
         hidden = kwargs.get("hidden_states")
         text = kwargs.get("encoder_hidden_states")
         if args or hidden is None or text is None:
-            return self._forward(*args, **kwargs)
+            return forward(*args, **kwargs)
         stash = self._stash
         if stash is not None and stash[0] is hidden and stash[1] is text:
             self._stash = None
@@ -252,13 +281,17 @@ class BatchedCFG:
         if len(self._encoded) == 2 and self._encoded[0][0] is text:
             (pos, pos_mask), (neg, neg_mask) = self._encoded
             if pos.shape[0] == hidden.shape[0] and neg.shape[0] == hidden.shape[0]:
-                cond, uncond = self._both(hidden, pos, pos_mask, neg, neg_mask, kwargs)
-                self._stash = (hidden, neg, uncond)
-                self.batched_calls += 1
-                return self._wrap(cond, kwargs)
-        return self._forward(*args, **kwargs)
+                both = self._both(forward, hidden, pos, pos_mask, neg, neg_mask, kwargs)
+                if both is not None:
+                    cond, uncond = both
+                    self._stash = (hidden, neg, uncond)
+                    self.batched_calls += 1
+                    return self._wrap(cond, kwargs)
+        return forward(*args, **kwargs)
 
-    def _both(self, hidden: Any, pos: Any, pos_mask: Any, neg: Any, neg_mask: Any, kwargs: dict[str, Any]) -> Any:
+    def _both(
+        self, forward: Any, hidden: Any, pos: Any, pos_mask: Any, neg: Any, neg_mask: Any, kwargs: dict[str, Any]
+    ) -> tuple[Any, Any] | None:
         import torch
 
         batch = hidden.shape[0]
@@ -266,6 +299,8 @@ class BatchedCFG:
         same = pos.shape[1] == neg.shape[1] and pos_mask is None and neg_mask is None
         if same:
             text, mask = torch.cat([pos, neg]), None  # no padding: keep the mask-free attention path
+        elif not self.masks_supported:
+            return None
         else:
             pos, pos_mask = pad_text(pos, pos_mask, length)
             neg, neg_mask = pad_text(neg, neg_mask, length)
@@ -282,7 +317,14 @@ class BatchedCFG:
                 both[name] = torch.cat([both[name], both[name]])
         if both.get("img_shapes") is not None:
             both["img_shapes"] = list(both["img_shapes"]) * 2
-        out = self._forward(**both)[0]
+        try:
+            out = forward(**both)[0]
+        except ValueError as exc:
+            if mask is None or "attn_mask" not in str(exc):
+                raise
+            self.masks_supported = False  # this backend takes no mask: two passes from now on
+            log.warning("attention backend refuses masks: prompts of unequal length run as two passes", error=str(exc))
+            return None
         return out[:batch], out[batch:]
 
     @staticmethod
@@ -292,3 +334,44 @@ class BatchedCFG:
 
             return Transformer2DModelOutput(sample=sample)
         return (sample,)
+
+
+def _keep_new_forward(fn_ref: Any) -> None:
+    """Make a hook's ``new_forward`` survive the removal of the hook beneath it.
+
+    diffusers' ``HookRegistry.remove_hook`` (0.42) repoints the next hook's ``fn_ref.forward`` at
+    what the removed hook wrapped. For a hook with a ``new_forward`` that replaces the new_forward
+    itself, so the hook is silently skipped from then on, and loading a LoRA does exactly that: it
+    takes group offloading off and puts it back. With this reference, a new ``forward`` becomes what
+    the ``new_forward`` wraps (``original_forward``), which is what the removal means."""
+    from diffusers.hooks.hooks import HookFunctionReference
+
+    class _NewForwardReference(HookFunctionReference):
+        @property  # type: ignore[override]
+        def forward(self) -> Any:
+            return self._new_forward
+
+        @forward.setter
+        def forward(self, value: Any) -> None:
+            self.original_forward = value
+
+    new_forward = fn_ref.__dict__.pop("forward")
+    fn_ref.__class__ = _NewForwardReference
+    fn_ref._new_forward = new_forward
+
+
+def _model_hook_base() -> type:
+    from diffusers.hooks import ModelHook
+
+    return ModelHook
+
+
+class _BatchedCFGHook(_model_hook_base()):  # type: ignore[misc]
+    """The transformer side of BatchedCFG, in diffusers' hook registry."""
+
+    def __init__(self, owner: BatchedCFG) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.owner.forward(self.fn_ref.original_forward, *args, **kwargs)

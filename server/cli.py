@@ -195,6 +195,50 @@ def cmd_weights_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What auto would choose on a card like that, here (with what is installed), and every mode's cost."""
+    import importlib.util
+    import json
+
+    from pipelines.plan import Machine, available_host_ram_gb, real_sizes, report
+    from pipelines.registry import get_variant
+
+    if args.gpu_memory_gb <= 0:
+        print("qwen-edit plan: --gpu-memory-gb must be more than 0", file=sys.stderr)
+        return 2
+    try:
+        cc = tuple(int(p) for p in args.compute_capability.split(".")) if args.compute_capability else (9, 0)
+        if len(cc) != 2:
+            raise ValueError
+    except ValueError:
+        bad = args.compute_capability
+        print(f"qwen-edit plan: --compute-capability {bad!r} is not X.Y (e.g. 8.9)", file=sys.stderr)
+        return 2
+    machine = Machine(
+        gpu_free_gb=args.gpu_memory_gb,
+        compute_capability=cc,  # type: ignore[arg-type]
+        host_ram_gb=args.host_ram_gb if args.host_ram_gb is not None else available_host_ram_gb(),
+        torchao=importlib.util.find_spec("torchao") is not None,
+    )
+    result = report(machine, real_sizes(get_variant(args.variant), args.model))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    chosen = result["chosen"]
+    print(
+        f"{args.gpu_memory_gb:g} GB free, compute capability {'.'.join(map(str, cc))}, "
+        f"torchao {'installed' if machine.torchao else 'not installed'}"
+        + (f", {machine.host_ram_gb:.0f} GB host RAM available" if machine.host_ram_gb else "")
+    )
+    print(f"auto chooses: {chosen['mode']} + {chosen['quantize']} ({chosen['reason']})\n")
+    print(f"{'mode':<22} {'quantize':<8} {'peak GB':>8} {'host RAM GB':>12}  verdict")
+    for m in result["modes"]:
+        print(f"{m['mode']:<22} {m['quantize']:<8} {m['peak_gb']:>8.1f} {m['host_ram_gb']:>12.1f}  {m['verdict']}")
+    print("\nEstimates from the real architecture (meta device) at each mode's streaming granularity,")
+    print("plus ~4 GB of activations at 1 MP with CFG; measure with python -m benchmarks.gpu.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-edit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--online", action="store_true", help="compare with the Hub's file list, not the manifest")
     ver.add_argument("--fast", action="store_true", help="sizes only, no sha256")
     ver.set_defaults(func=cmd_weights_verify)
+    plan = sub.add_parser("plan", help="the memory plan auto would choose on a given GPU, and every mode's cost")
+    plan.add_argument("--gpu-memory-gb", type=float, required=True, help="free memory of the GPU, in GB")
+    plan.add_argument("--compute-capability", help="X.Y (default 9.0: Hopper); fp8 needs 8.9+")
+    plan.add_argument("--host-ram-gb", type=float, help="available host RAM (default: this machine's)")
+    plan.add_argument("--variant", default="edit", help="edit, edit-plus or edit-2511")
+    plan.add_argument("--model", help="a model folder: its own configs (default: the variant's real ones)")
+    plan.add_argument("--json", action="store_true", help="machine-readable")
+    plan.set_defaults(func=cmd_plan)
     ls = wsub.add_parser("list", help="list the model folders present")
     ls.add_argument("--dir", default="weights")
     ls.set_defaults(func=cmd_weights_list)

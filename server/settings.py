@@ -96,8 +96,10 @@ class Settings(BaseSettings):
     retention_interval_s: float = Field(default=600.0, gt=0)
 
     # --- speed (pipelines/speed.py; benchmarks/) -----------------------------------------
-    # Cond and uncond passes of a true-CFG step as one batch-2 forward (same results, fewer launches).
-    speed_batched_cfg: bool = True
+    # Cond and uncond passes of a true-CFG step as one batch-2 forward (same results). Off until a GPU
+    # measures it faster: prompts of unequal length need a padding mask, which keeps PyTorch's SDPA
+    # off its flash kernel (and flash/sage backends take none: there it runs two passes anyway).
+    speed_batched_cfg: bool = False
     # diffusers attention dispatcher: default (leave alone), native, flash, _flash_3, sage, _native_cudnn …
     # Unavailable backends fall back to native with a warning.
     speed_attention_backend: str = "default"
@@ -153,6 +155,14 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _no_fp16(cls, value: str) -> str:
+        if value == "float16":
+            # Qwen-Image's activations overflow fp16's range: the outputs turn to NaN (black images).
+            raise ValueError("float16 is not supported: Qwen-Image overflows in fp16; use bfloat16 (or auto)")
         return value
 
     @field_validator("variants", mode="before")

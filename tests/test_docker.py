@@ -97,3 +97,30 @@ def test_nginx_balances_over_the_api_services() -> None:
     # Uploads of the largest accepted body pass the proxy.
     size = re.search(r"client_max_body_size (\d+)m;", conf)
     assert size and int(size.group(1)) * 1024 * 1024 >= Settings().max_body_bytes
+
+
+def test_image_runs_the_tested_model_stack() -> None:
+    """The image's torch is the tested one (transformers 5 disables torch < 2.6: no worker would
+    start), torchao is in it (auto's fp8/int8 plans need it), and pyproject's floors are what runs here."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    pins = dict(re.findall(r"\b(torch|torchvision)==([\d.]+)", dockerfile))
+    assert pins == dict(re.findall(r"\b(torch|torchvision)==([\d.]+)", ci)), "the image and CI pin different torch"
+    assert re.search(r"whl/cu12\d", dockerfile), "a CUDA 12.x torch build"
+    extras = re.search(r'pip install "\.\[([\w,]+)\]"', dockerfile)
+    assert extras and "quant" in extras.group(1).split(",")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"] + project["optional-dependencies"]["quant"]:
+        req = Requirement(spec)
+        if req.name in pins:
+            assert req.specifier.contains(pins[req.name]), (spec, pins[req.name])
+        if req.name in ("torch", "diffusers", "transformers", "torchao", "accelerate", "peft"):
+            # The floor is the tested release line, not an older one nobody ran.
+            floor = Version(next(s.version for s in req.specifier if s.operator == ">="))
+            tested = Version(version(req.name))
+            assert floor <= tested and floor.release[:2] == tested.release[:2], (spec, str(tested))

@@ -72,3 +72,55 @@ def test_a_file_that_is_no_lora_is_a_clear_error(tmp_path: Path) -> None:
     manager = LoraManager(build_tiny_pipeline("edit"))
     with pytest.raises(LoraError, match="could not load LoRA"), manager.applied([LoraRequest(str(junk))]):
         pass
+
+
+def test_bare_transformer_keys_load(lora_file: Path, tmp_path: Path) -> None:
+    """PEFT-style files that name the transformer's layers without the ``transformer.`` prefix."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(lora_file))
+    bare = tmp_path / "bare.safetensors"
+    save_file({k.removeprefix("transformer."): v for k, v in state.items()}, str(bare))
+    assert all(k.startswith("transformer_blocks.") for k in load_file(str(bare)))
+    pipe = build_tiny_pipeline("edit")
+    runner = EditRunner(pipe, get_variant("edit"), "cpu", LoraManager(pipe))
+    prefixed = _pixels(runner, [LoraRequest(str(lora_file))])
+    assert np.array_equal(_pixels(runner, [LoraRequest(str(bare))]), prefixed)
+
+
+def test_a_lora_for_another_model_is_an_error_not_a_silent_no_op(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    other = tmp_path / "sdxl.safetensors"
+    save_file(
+        {
+            "unet.down_blocks.0.attentions.0.to_q.lora_A.weight": torch.zeros(4, 8),
+            "unet.down_blocks.0.attentions.0.to_q.lora_B.weight": torch.zeros(8, 4),
+        },
+        str(other),
+    )
+    pipe = build_tiny_pipeline("edit")
+    manager = LoraManager(pipe)
+    with (
+        pytest.raises(LoraError, match="no weights for this model's transformer"),
+        manager.applied([LoraRequest(str(other))]),
+    ):
+        pass
+    assert manager.loaded == {} and pipe.get_list_adapters().get("transformer", []) == []  # no phantom adapter
+
+
+def test_a_pinned_lora_can_be_fused_into_the_weights(lora_file: Path) -> None:
+    """Lightning's permanent LoRA: fused, the same pixels as the adapter, and no adapter path left."""
+    pipe = build_tiny_pipeline("edit")
+    runner = EditRunner(pipe, get_variant("edit"), "cpu", LoraManager(pipe))
+    with_adapter = _pixels(runner, [LoraRequest(str(lora_file), 0.7)])
+
+    fused_pipe = build_tiny_pipeline("edit")
+    manager = LoraManager(fused_pipe)
+    manager.pin(LoraRequest(str(lora_file), 0.7), fuse=True)
+    assert manager.fused == [str(lora_file)] and manager.loaded == {} and manager.pinned == {}
+    assert fused_pipe.get_list_adapters() == {}
+    assert not any("lora" in name for name, _ in fused_pipe.transformer.named_modules())
+    fused = _pixels(EditRunner(fused_pipe, get_variant("edit"), "cpu", manager))
+    assert np.abs(fused - with_adapter).max() <= 1

@@ -20,6 +20,11 @@ log = structlog.get_logger(__name__)
 class Background:
     """``start()`` runs ``run()`` as a task; ``stop()`` cancels it and waits for it to end."""
 
+    # A task cancelled while it waits on ``run_in_threadpool`` ends only when that thread returns
+    # (anyio shields the thread call), so a thread stuck on a store or a socket would hold up the
+    # whole shutdown; past this we stop waiting and say so.
+    stop_timeout_s = 10.0
+
     def __init__(self) -> None:
         self._task: asyncio.Task[None] | None = None
 
@@ -29,8 +34,12 @@ class Background:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+            done, _ = await asyncio.wait({self._task}, timeout=self.stop_timeout_s)
+            if not done:
+                log.warning("background task did not stop in time", task=type(self).__name__)
+                return
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                self._task.result()
 
     async def run(self) -> None:
         raise NotImplementedError
