@@ -70,8 +70,9 @@ TIMEOUT = 5004  # sync mode: the hold ended, the job goes on
 
 
 def blames_client(code: int) -> bool:
-    """Task codes 14xx: the request was at fault (a 4xx where a door answers synchronously)."""
-    return 1400 <= code < 1500
+    """The request was at fault (a 4xx where a door answers synchronously): its parameters or its
+    media. 1403 is the task itself failing (a model bug, a cancel): not the client's doing."""
+    return code in (INVALID_PARAMETER, MEDIA_ACCESS_FAILED)
 
 
 class JobError(Exception):

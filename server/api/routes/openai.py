@@ -120,17 +120,24 @@ def _edit_request(form: FormData, images: list[str], model: str, seed: int, outp
         raise BadRequest(f"{where}: {msg}") from None
 
 
+# Both OpenAI SDKs retry a 5xx twice unless told not to: once a job exists, a retry would submit
+# a second (and a third) job while the first goes on, so every answer about an accepted job says no.
+NO_RETRY = {"x-should-retry": "false"}
+
+
 async def _finish(job: Job, svc: Services) -> Job:
     timeout = svc.settings.sync_timeout_s
     current = await svc.waiter.outcome(job.id, timeout)
     if not current.status.terminal:
         raise GatewayTimeout(
             f"The edit did not finish within {timeout:g} seconds; it goes on as prediction {job.id} "
-            f"(GET /api/v3/predictions/{job.id}/result)."
+            f"(GET /api/v3/predictions/{job.id}/result).",
+            headers=NO_RETRY,
         )
     if current.status != Status.COMPLETED:
-        message = current.error or "The edit failed."
-        raise BadRequest(message) if blames_client(current.error_code or 0) else ApiError(message)
+        message = f"Prediction {job.id} {current.status.value}: {current.error or 'the edit failed.'}"
+        error = BadRequest if blames_client(current.error_code or 0) else ApiError
+        raise error(message, headers=NO_RETRY)
     return current
 
 
