@@ -321,6 +321,62 @@ def phase_pipeline(run: Run, backend: str, batched_cfg: bool = False) -> None:
 # --- tables -------------------------------------------------------------------------------------------
 
 
+def _note(r: dict[str, Any]) -> Any:
+    return r.get("error", r.get("note", ""))
+
+
+# Each phase's table: (phase, title, [(column, cell of a row)]).
+TABLES: list[tuple[str, str, list[tuple[str, Any]]]] = [
+    (
+        "1-transformer",
+        "1. transformer alone (1 MP edit tokens), s per true-CFG step",
+        [
+            ("backend", lambda r: r["backend"]),
+            ("case", lambda r: r["case"]),
+            ("s/CFG step", lambda r: r.get("s_per_cfg_step")),
+            ("TFLOP/s", lambda r: r.get("tflops")),
+            ("MFU @790", lambda r: r.get("mfu_790")),
+            ("MFU @989", lambda r: r.get("mfu_989")),
+            ("note", _note),
+        ],
+    ),
+    (
+        "2-pipeline",
+        "2. whole pipeline, full mode",
+        [
+            ("case", lambda r: r["case"]),
+            ("runtime", lambda r: r["runtime"]),
+            ("s/step", lambda r: r.get("s_per_step")),
+            ("fixed s", lambda r: r.get("fixed_s")),
+            ("s/image", lambda r: r.get("s_image_50_steps", r.get("s_image_4_steps"))),
+            ("tokens", lambda r: r.get("tokens")),
+            ("alloc GiB", lambda r: r.get("allocated_gib")),
+            ("reserved GiB", lambda r: r.get("reserved_gib")),
+            ("used GiB", lambda r: r.get("device_used_gib")),
+            ("MFU @790", lambda r: r.get("mfu_790")),
+            ("MFU @989", lambda r: r.get("mfu_989")),
+            ("note", lambda r: r.get("error", "")),
+        ],
+    ),
+    (
+        "3-memory",
+        "3. memory modes (each in a fresh process)",
+        [
+            ("mode", lambda r: r["mode"]),
+            ("quantize", lambda r: r["quantize"]),
+            ("s/step", lambda r: r.get("s_per_step")),
+            ("device peak GB", lambda r: r.get("peak_gb")),
+            ("estimate GB", lambda r: r.get("estimated_peak_gb")),
+            ("reserved GB", lambda r: r.get("reserved_gb")),
+            ("used GB", lambda r: r.get("device_used_gb")),
+            ("host RAM GB", lambda r: r.get("host_ram_gb")),
+            ("host estimate GB", lambda r: r.get("estimated_host_ram_gb")),
+            ("note", _note),
+        ],
+    ),
+]
+
+
 def tables(rows: list[dict[str, Any]], device: str, echo: bool = False) -> str:
     """The three tables as Markdown (printed too where ``echo``)."""
     import io
@@ -329,102 +385,11 @@ def tables(rows: list[dict[str, Any]], device: str, echo: bool = False) -> str:
 
     console = None if echo else Console(file=io.StringIO())
     parts = [f"Device: {device}"]
-
-    def table(title: str, columns: list[str], cells: list[list[Any]]) -> str:
-        return f"### {title}\n\n" + print_table(title, columns, cells, console)
-
-    one = [r for r in rows if r["phase"] == "1-transformer"]
-    if one:
-        parts.append(
-            table(
-                "1. transformer alone (1 MP edit tokens), s per true-CFG step",
-                ["backend", "case", "s/CFG step", "TFLOP/s", "MFU @790", "MFU @989", "note"],
-                [
-                    [
-                        r["backend"],
-                        r["case"],
-                        r.get("s_per_cfg_step"),
-                        r.get("tflops"),
-                        r.get("mfu_790"),
-                        r.get("mfu_989"),
-                        r.get("error", r.get("note", "")),
-                    ]
-                    for r in one
-                ],
-            )
-        )
-    two = [r for r in rows if r["phase"] == "2-pipeline"]
-    if two:
-        parts.append(
-            table(
-                "2. whole pipeline, full mode",
-                [
-                    "case",
-                    "runtime",
-                    "s/step",
-                    "fixed s",
-                    "s/image",
-                    "tokens",
-                    "alloc GiB",
-                    "reserved GiB",
-                    "used GiB",
-                    "MFU @790",
-                    "MFU @989",
-                    "note",
-                ],
-                [
-                    [
-                        r["case"],
-                        r["runtime"],
-                        r.get("s_per_step"),
-                        r.get("fixed_s"),
-                        r.get("s_image_50_steps", r.get("s_image_4_steps")),
-                        r.get("tokens"),
-                        r.get("allocated_gib"),
-                        r.get("reserved_gib"),
-                        r.get("device_used_gib"),
-                        r.get("mfu_790"),
-                        r.get("mfu_989"),
-                        r.get("error", ""),
-                    ]
-                    for r in two
-                ],
-            )
-        )
-    three = [r for r in rows if r["phase"] == "3-memory"]
-    if three:
-        parts.append(
-            table(
-                "3. memory modes (each in a fresh process)",
-                [
-                    "mode",
-                    "quantize",
-                    "s/step",
-                    "device peak GB",
-                    "estimate GB",
-                    "reserved GB",
-                    "used GB",
-                    "host RAM GB",
-                    "host estimate GB",
-                    "note",
-                ],
-                [
-                    [
-                        r["mode"],
-                        r["quantize"],
-                        r.get("s_per_step"),
-                        r.get("peak_gb"),
-                        r.get("estimated_peak_gb"),
-                        r.get("reserved_gb"),
-                        r.get("device_used_gb"),
-                        r.get("host_ram_gb"),
-                        r.get("estimated_host_ram_gb"),
-                        r.get("error", r.get("note", "")),
-                    ]
-                    for r in three
-                ],
-            )
-        )
+    for phase, title, columns in TABLES:
+        mine = [r for r in rows if r["phase"] == phase]
+        if mine:
+            cells = [[cell(r) for _, cell in columns] for r in mine]
+            parts.append(f"### {title}\n\n" + print_table(title, [name for name, _ in columns], cells, console))
     return "\n\n".join(parts) + "\n"
 
 
