@@ -15,16 +15,17 @@ little, while small images and few-step presets leave room. Hence a setting, off
 from __future__ import annotations
 
 import argparse
-import base64
 import io
+import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import client as bench_client
+from benchmarks.client import cli as bench
+from benchmarks.client.inputs import square_image
 from benchmarks.overhead import ensure_model, free_port, start_server, stop_server
-from benchmarks.report import print_table, write_csv, write_json
+from benchmarks.report import print_table, square_side, write_csv, write_json
 
 
 def direct(model: Path, device: str, jobs: int, batch: int, steps: int, size: int) -> dict[str, float]:
@@ -40,7 +41,7 @@ def direct(model: Path, device: str, jobs: int, batch: int, steps: int, size: in
     pipe = load_pipeline(str(model), variant, device=device, dtype=resolve_dtype("auto", device))
     apply_speed(pipe, SpeedConfig(condition_cache=0), device)  # every job encodes its image, both ways
     runner = EditRunner(pipe, variant, device)
-    raw = base64.b64decode(bench_client.test_image().split(",", 1)[1])
+    raw = square_image()
     image = Image.open(io.BytesIO(raw)).convert("RGB")
     inputs = [
         EditInputs(
@@ -62,16 +63,24 @@ def direct(model: Path, device: str, jobs: int, batch: int, steps: int, size: in
 
 
 def burst(url: str, jobs: int, size: int, out: Path) -> dict[str, Any]:
+    """``jobs`` jobs at once through qwen-edit bench (closed loop, C = jobs), all on one image so
+    that they can share a batch; until completed, without downloading the output."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "square.png").write_bytes(square_image())
+    (out / "one.jsonl").write_text(json.dumps({"prompt": "make the red square blue", "image": "square.png"}) + "\n")
     # Polls every 0.5 s (the Python SDK's is 1 s): N clients polling faster would take a share of a
     # CPU machine's cores from the worker they are measuring.
-    args = bench_client.build_parser().parse_args(
+    rc = bench.main(
         [
-            *("--url", url, "-n", str(jobs), "-c", str(jobs), "--mode", "async", "--size", f"{size}*{size}"),
-            *("--poll-interval", "0.5", "--out", str(out), "--quiet"),
+            *("--url", url, "-n", str(jobs), "-c", str(jobs), "--size", f"{size}*{size}", "--num-warmups", "0"),
+            *("--dataset", str(out / "one.jsonl"), "--no-download", "--poll-interval", "0.5"),
+            *("--fast-poll-interval", "0.5", "--out", str(out), "--name", "client", "--quiet"),
         ]
     )
-    summary: dict[str, Any] = bench_client.run(args)["summaries"][0]
-    return summary
+    result: dict[str, Any] = json.loads((out / "client.json").read_text())["results"][0]
+    if rc not in (0, 1):
+        raise RuntimeError(f"qwen-edit bench against {url} ended with {rc}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4, help="batch_max_size when batching is on")
     p.add_argument("--wait-ms", type=int, default=200, help="batch_wait_ms when batching is on")
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--size", type=square_side, default=256, help="square output size: 256 or 256*256")
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", help="model folder (default: a tiny model built under --out)")
     p.add_argument("--out", default="bench-out")
@@ -121,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             {
                 "path": label,
-                "images_s": s["throughput_jobs_s"],
-                "p50_ms": s["e2e_ms"]["p50"],
-                "p99_ms": s["e2e_ms"]["p99"],
+                "images_s": s["request_throughput"],
+                "p50_ms": s["median_e2el_ms"],
+                "p99_ms": s["p99_e2el_ms"],
             }
         )
     rows[1]["images_s_ratio"] = rows[1]["images_s"] / rows[0]["images_s"]

@@ -10,8 +10,8 @@ GPU; timing and memory do not depend on the weights' values.
    attention backend available here, as two batch-1 passes, as batched CFG (padded, with a mask:
    some backends refuse masks) and as batch 2 without a mask; then regional compile and fp8.
 2. The whole pipeline (real-size text encoder and VAE) resident on the GPU: plain diffusers against
-   ours at 1 MP, 50 steps with true CFG and the Lightning 4/8 presets. Seconds per step come from
-   step differencing (two runs that differ only in their step count), the rest is the fixed cost;
+   ours at 1 MP, 50 steps with true CFG and the Lightning 4/8 presets. Seconds per step are the median gap
+   between step ends in one call (a device sync at each), the rest of the call is the fixed cost;
    peak memory allocated, reserved and used on the device; MFU at 790 TFLOP/s (MODEL.md's dense
    bf16 figure) and 989 (the data sheet's).
 3. Every memory mode in a fresh subprocess (benchmarks/memory_modes.py): seconds per step, device
@@ -24,14 +24,15 @@ so a run cut short keeps what it measured; a phase stops when the budget left is
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import print_table
+from benchmarks.report import dumps, print_table
 
 LINEAR_FLOPS_PER_TOKEN = 13.59e9  # MODEL.md, all 60 layers
 ATTENTION_FLOPS_PER_TOKEN2 = 737_280
@@ -66,8 +67,8 @@ class Run:
         self.rows.append(row)
         self.out.mkdir(parents=True, exist_ok=True)
         with (self.out / "gpu.jsonl").open("a") as fh:
-            fh.write(json.dumps(row, default=str, allow_nan=False) + "\n")
-        print(json.dumps(row, default=str), flush=True)
+            fh.write(dumps(row) + "\n")
+        print(dumps(row), flush=True)
         (self.out / "gpu.md").write_text(tables(self.rows, self.describe()))
 
     def describe(self) -> str:
@@ -234,13 +235,16 @@ def phase_pipeline(run: Run, backend: str, batched_cfg: bool = False) -> None:
         tokens[0] = kwargs["hidden_states"].shape[1] + kwargs["encoder_hidden_states"].shape[1]
 
     pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
-    # (label, CFG, the two step counts differenced, the step count reported). On the CPU smoke run
-    # a step of the 1-layer transformer at real width costs ~10 s: the Lightning case alone.
-    cases = [("Lightning 4/8-step", False, (1, 2) if run.smoke else (4, 8), 4)]
+    # (label, CFG, steps run, the step count reported). One call per case: the time of each step is
+    # the gap between two step ends (a device sync at each), so per step is the median gap from the
+    # second step on, and the fixed part (text and VAE encoding, the first step's extra, decoding) is
+    # the rest of the call. On the CPU smoke run a step of the 1-layer transformer at real width
+    # costs ~10-20 s: the Lightning case alone, two steps.
+    cases = [("Lightning 4/8-step", False, 2 if run.smoke else 8, 4)]
     if not run.smoke:
-        cases.insert(0, ("50-step true CFG", True, (2, 6), 50))
+        cases.insert(0, ("50-step true CFG", True, 6, 50))
 
-    def one(ours: bool, cfg: bool, steps: int) -> dict[str, float]:
+    def one(ours: bool, cfg: bool, steps: int) -> dict[str, Any]:
         inputs = EditInputs(
             images=[image],
             prompt="make the sky a sunset",
@@ -253,11 +257,27 @@ def phase_pipeline(run: Run, backend: str, batched_cfg: bool = False) -> None:
         )
         if run.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+        ends: list[float] = []
+
+        def step_end() -> None:
+            sync(run.device)
+            ends.append(time.perf_counter())
+
+        def on_step(step: int, _total: int) -> bool:
+            if step > 0:  # 0 is the call before the first step
+                step_end()
+            return True  # go on
+
         sync(run.device)
         started = time.perf_counter()
         if ours:
-            EditRunner(pipe, variant, run.device)(inputs)
+            EditRunner(pipe, variant, run.device)(inputs, on_step)
         else:
+
+            def callback(_pipe: Any, _step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+                step_end()
+                return kwargs
+
             with torch.inference_mode():  # plain diffusers, as its documentation calls it
                 pipe(
                     image=image,
@@ -268,14 +288,18 @@ def phase_pipeline(run: Run, backend: str, batched_cfg: bool = False) -> None:
                     width=size,
                     height=size,
                     generator=torch.Generator("cpu").manual_seed(0),
+                    callback_on_step_end=callback,
                 )
         sync(run.device)
         seconds = time.perf_counter() - started
+        assert len(ends) == steps, f"{len(ends)} step ends for {steps} steps"
+        per_step = statistics.median(b - a for a, b in itertools.pairwise(ends))
+        timing = {"seconds": seconds, "s_per_step": per_step, "fixed_s": seconds - steps * per_step}
         if not run.device.startswith("cuda"):
-            return {"seconds": seconds}
+            return timing
         free, total = torch.cuda.mem_get_info()
         return {
-            "seconds": seconds,
+            **timing,
             "allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
             "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
             "device_used_gib": (total - free) / 2**30,
@@ -291,17 +315,16 @@ def phase_pipeline(run: Run, backend: str, batched_cfg: bool = False) -> None:
             )
             applied = apply_speed(pipe, speed, run.device).applied
             runtime = "ours (" + ", ".join(applied) + ")"
-        for label, cfg, (short, long), reported in cases:
+        for label, cfg, steps, reported in cases:
             if label.startswith("Lightning"):
                 use_lightning_scheduler(pipe)
             if run.left() < 60:
                 run.record("2-pipeline", runtime=runtime, case=label, error="budget spent")
                 continue
             if not run.smoke:
-                one(ours, cfg, short)  # warm-up: kernels, the allocator, a compile
-            a, b = one(ours, cfg, short), one(ours, cfg, long)
-            per_step = (b["seconds"] - a["seconds"]) / (long - short)
-            fixed = a["seconds"] - short * per_step
+                one(ours, cfg, 2)  # warm-up: kernels, the allocator, a compile
+            got = one(ours, cfg, steps)
+            per_step, fixed = got["s_per_step"], got["fixed_s"]
             flops = pass_flops(tokens[0], layers) * (2 if cfg else 1)
             row: dict[str, Any] = {
                 "runtime": runtime,
@@ -310,7 +333,7 @@ def phase_pipeline(run: Run, backend: str, batched_cfg: bool = False) -> None:
                 "fixed_s": fixed,
                 f"s_image_{reported}_steps": fixed + reported * per_step,
                 "tokens": tokens[0],
-                **{k: v for k, v in b.items() if k != "seconds"},
+                **{k: v for k, v in got.items() if k not in ("seconds", "s_per_step", "fixed_s")},
                 **{f"mfu_{int(p)}": flops / per_step / (p * 1e12) if per_step > 0 else None for p in PEAKS_TFLOPS},
             }
             if label.startswith("Lightning"):
@@ -401,7 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, help="stop starting new work after this long (540; smoke: 1200)")
     p.add_argument("--phases", default="1,2,3", help="which phases, e.g. 1,2")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
+    p.add_argument(
+        "--parallel", help="instead: these parallel layouts against one GPU, ';'-separated (benchmarks/parallel.py)"
+    )
     args = p.parse_args(argv)
+    if args.parallel:
+        from benchmarks.parallel import main as parallel_main
+
+        return parallel_main(["--layouts", f"none;{args.parallel}", "--out", str(args.out)] + ["--smoke"] * args.smoke)
     import torch
 
     if not args.smoke and not torch.cuda.is_available():

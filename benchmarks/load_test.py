@@ -4,6 +4,10 @@
 
 Reports accepted / 429 counts and p50/p99 of result polls, and checks that every accepted
 prediction is still known to the server (none lost). Exit code 1 when one is missing.
+
+A load test submits far more jobs than a server can run in its few seconds (hundreds; each is a
+real edit, hours of GPU time at 50 steps): when it ends, it cancels every job of its own that has
+not finished, and says how many. ``--keep-jobs`` leaves them to run.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class Tally:
     retry_after_missing: int = 0
     other: dict[int, int] = field(default_factory=dict)
     poll_ms: list[float] = field(default_factory=list)
+    cancelled: int = 0  # unfinished jobs of this test cancelled at its end
 
 
 def _image() -> str:
@@ -37,9 +42,9 @@ def _image() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-async def _submitter(client: httpx.AsyncClient, tally: Tally, stop_at: float, image: str) -> None:
+async def _submitter(client: httpx.AsyncClient, tally: Tally, stop_at: float, body: dict[str, object]) -> None:
     while time.monotonic() < stop_at:
-        r = await client.post(f"/api/v3/{MODEL}", json={"prompt": "load", "image": image, "size": "256*256"})
+        r = await client.post(f"/api/v3/{MODEL}", json=body)
         if r.status_code == 200:
             tally.accepted.append(r.json()["data"]["id"])
         elif r.status_code == 429:
@@ -62,23 +67,52 @@ async def _poller(client: httpx.AsyncClient, tally: Tally, stop_at: float) -> No
         r.raise_for_status()
 
 
-async def run(url: str, key: str, seconds: float, submitters: int, pollers: int) -> tuple[Tally, list[str]]:
+async def run(
+    url: str,
+    key: str,
+    seconds: float,
+    submitters: int,
+    pollers: int,
+    *,
+    size: str = "256*256",
+    steps: int | None = None,
+    keep_jobs: bool = False,
+) -> tuple[Tally, list[str]]:
     tally = Tally()
     headers = {"Authorization": f"Bearer {key}"}
     limits = httpx.Limits(max_connections=submitters + pollers + 4)
+    body: dict[str, object] = {"prompt": "load", "image": _image(), "size": size}
+    if steps is not None:
+        body["num_inference_steps"] = steps
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30, limits=limits) as client:
         stop_at = time.monotonic() + seconds
-        image = _image()
         await asyncio.gather(
-            *(_submitter(client, tally, stop_at, image) for _ in range(submitters)),
+            *(_submitter(client, tally, stop_at, body) for _ in range(submitters)),
             *(_poller(client, tally, stop_at) for _ in range(pollers)),
         )
-        missing = []
+        missing, unfinished = [], []
         for pid in tally.accepted:  # nothing accepted may be lost
             r = await client.get(f"/api/v3/predictions/{pid}/result")
-            if r.status_code != 200 or r.json()["data"]["status"] not in ("created", "processing", "completed"):
+            status = r.json()["data"]["status"] if r.status_code == 200 else None
+            if status not in ("created", "processing", "completed"):
                 missing.append(pid)
+            elif status != "completed":
+                unfinished.append(pid)
+        if not keep_jobs:
+            tally.cancelled = await _cancel(client, unfinished)
     return tally, missing
+
+
+async def _cancel(client: httpx.AsyncClient, ids: list[str]) -> int:
+    """Cancel this test's unfinished jobs (a queued one fails at once, a running one at its next step)."""
+    gate = asyncio.Semaphore(8)
+
+    async def one(pid: str) -> bool:
+        async with gate:
+            r = await client.post(f"/api/v3/predictions/{pid}/cancel")
+            return r.status_code == 200
+
+    return sum(await asyncio.gather(*(one(pid) for pid in ids)))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -93,21 +127,43 @@ def report(tally: Tally, missing: list[str]) -> str:
         f"accepted={len(tally.accepted)} limited_429={tally.limited} other={tally.other} "
         f"lost={len(missing)} polls={len(tally.poll_ms)} "
         f"poll_p50_ms={statistics.median(tally.poll_ms) if tally.poll_ms else 0:.1f} "
-        f"poll_p99_ms={percentile(tally.poll_ms, 0.99):.1f}"
+        f"poll_p99_ms={percentile(tally.poll_ms, 0.99):.1f} cancelled_unfinished={tally.cancelled}"
     )
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.load_test", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--key", required=True)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--submitters", type=int, default=8)
     parser.add_argument("--pollers", type=int, default=4)
-    args = parser.parse_args()
+    parser.add_argument("--size", default="256*256", help="output size W*H of every job (default 256*256)")
+    parser.add_argument("--steps", type=int, help="num_inference_steps of every job (servers that allow overrides)")
+    parser.add_argument(
+        "--keep-jobs", action="store_true", help="leave the jobs still queued or running at the end (default: cancel)"
+    )
+    args = parser.parse_args(argv)
     seconds = min(args.seconds, 60.0)  # bounded by design
-    tally, missing = asyncio.run(run(args.url, args.key, seconds, args.submitters, args.pollers))
+    tally, missing = asyncio.run(
+        run(
+            args.url,
+            args.key,
+            seconds,
+            args.submitters,
+            args.pollers,
+            size=args.size,
+            steps=args.steps,
+            keep_jobs=args.keep_jobs,
+        )
+    )
     print(report(tally, missing))
+    if tally.cancelled:
+        print(f"cancelled {tally.cancelled} unfinished jobs of this test (--keep-jobs keeps them)")
+    elif args.keep_jobs:
+        print("--keep-jobs: the jobs still queued or running were left on the server")
     return 1 if missing else 0
 
 

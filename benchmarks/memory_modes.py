@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import dumps
+
 MODES = ("full:none", "text-encoder-offload:none", "model-offload:none", "group-block:none", "group-leaf:none")
 # On the CPU smoke run, the mode with both streaming kinds (the transformer block by block, the
 # text encoder leaf by leaf) beside phase 2's resident pipeline: a step at real width costs ~13 s.
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             row = measure_one(mode, quantize or "none", args.smoke)
         except Exception as exc:  # one mode's failure is its row, not the table's end
             row = {"mode": mode, "quantize": quantize or "none", "error": f"{type(exc).__name__}: {exc}"[:300]}
-        print(json.dumps(row, allow_nan=False) if args.json else row, flush=True)
+        print(dumps(row) if args.json else row, flush=True)
         return 0
     from benchmarks.gpu import Run, tables
 

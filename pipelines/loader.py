@@ -152,6 +152,7 @@ def load_pipeline(
     dtype: Any,
     memory: MemoryPlan | None = None,
     fp8_dynamic: bool = False,
+    parallel_config: Any = None,
 ) -> Any:
     """Load ``variant`` from a folder or Hub id, placed per ``memory`` (default: all on ``device``).
 
@@ -172,13 +173,15 @@ def load_pipeline(
     qconfig = quantization_config(plan.quantize, fp8_dynamic)
     try:
         parts: dict[str, Any] = {}
-        if qconfig is not None or targets["transformer"].startswith("cuda"):
+        if qconfig is not None or targets["transformer"].startswith("cuda") or parallel_config is not None:
+            extra = {"parallel_config": parallel_config} if parallel_config is not None else {}
             parts["transformer"] = QwenImageTransformer2DModel.from_pretrained(
                 source,
                 subfolder="transformer",
                 dtype=dtype,
                 quantization_config=qconfig,
                 **_placed(targets["transformer"]),
+                **extra,
             )
         if targets["text_encoder"].startswith("cuda"):
             parts["text_encoder"] = Qwen2_5_VLForConditionalGeneration.from_pretrained(

@@ -106,14 +106,31 @@ def apply_plan(pipe: Any, plan: MemoryPlan, device: str) -> None:
             )
         for name in _RESIDENT[plan.mode]:
             getattr(pipe, name).to(device)  # a no-op where the loader put it there already
+    # The estimate is the planned model's (None where nothing was planned: the CPU, a tiny model);
+    # the sizes are those of the components actually loaded.
+    loaded = {
+        name: _size_of(getattr(pipe, name))
+        for name in ("transformer", "text_encoder", "vae")
+        if hasattr(getattr(pipe, name, None), "parameters")
+    }
     log.info(
         "memory plan applied",
         mode=plan.mode,
         quantize=plan.quantize,
         device=device,
-        estimated_peak_gb=plan.estimated_peak_gb,
-        host_ram_gb=plan.host_ram_gb,
+        loaded=loaded,
+        **({} if plan.estimated_peak_gb is None else {"estimated_peak_gb": plan.estimated_peak_gb}),
+        **({} if plan.host_ram_gb is None else {"host_ram_gb": plan.host_ram_gb}),
     )
+
+
+def _size_of(module: Any) -> str:
+    """A component's parameter bytes, for the log ("40.9 GB", "0.1 MB")."""
+    try:
+        nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    except (RuntimeError, TypeError, NotImplementedError):  # an exotic tensor subclass: not worth a crash
+        return "?"
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
 # Only the blocks' linear layers are quantized: the embedders, norms and output layer stay in bf16.

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +30,7 @@ def _apply_overrides(args: argparse.Namespace) -> None:
         "model": "MODEL",
         "variant": "VARIANT",
         "workers": "EMBEDDED_WORKERS",
+        "api_workers": "API_WORKERS",
         "device": "DEVICE",
         "database_url": "DATABASE_URL",
     }
@@ -46,11 +49,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.jobs.db import Database
     from server.logs import configure_logging
     from server.settings import Settings
+    from server.worker.ranks import resolve_auto
     from server.worker.supervisor import WorkerSupervisor
 
     _apply_overrides(args)
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
+    settings = resolve_auto(settings)  # QWEN_EDIT_PARALLEL=auto, decided once for every worker
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database.open(settings)
     db.wait_until_migrated()  # a server started before its database waits for it
@@ -75,25 +80,55 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop_requests[0] += 1
         if stop_requests[0] > 1:
             supervisor.hand_back_now()
+            return
+        # Said at once: what follows may wait (open requests, then the jobs in hand), never in silence.
+        log.info(
+            "stopping",
+            signal=signal.Signals(signum).name,
+            open_requests_wait_s=int(settings.sync_timeout_s) + 5,
+            then="workers finish the jobs in hand (each worker logs its job and step)",
+            drain_s=settings.worker_drain_s,
+            hint="signal again (Ctrl-C) to hand the jobs back to the queue now",
+        )
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_stop_signal)
+    metrics_dir = _multiprocess_env(settings)
     try:
         uvicorn.run(
-            create_app(settings),
+            # N API processes: uvicorn spawns them on the one socket, each builds its app from the
+            # environment (server/api/app.py: app_from_env); this process only supervises them.
+            "server.api.app:app_from_env" if settings.api_workers > 1 else create_app(settings),
+            factory=settings.api_workers > 1,
+            workers=settings.api_workers if settings.api_workers > 1 else None,
             host=settings.host,
             port=settings.port,
-            proxy_headers=True,
-            forwarded_allow_ips=settings.forwarded_allow_ips,
+            proxy_headers=False,  # the app's ProxyHeaders decides (it also reads X-Forwarded-Host)
             log_config=None,
             timeout_graceful_shutdown=int(settings.sync_timeout_s) + 5,
         )
     finally:
         supervisor.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     if fatal:
         print(f"qwen-edit: {fatal[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def _multiprocess_env(settings: Settings) -> str | None:
+    """What the API processes of ``--api-workers N`` (N > 1) inherit: a fresh folder where each
+    writes its Prometheus samples (prometheus_client's multiprocess mode: a scrape of any process
+    sums them all; server/api/telemetry.py), and the parallel layout decided here. None for one."""
+    if settings.api_workers <= 1:
+        return None
+    folder = tempfile.mkdtemp(prefix="qwen-edit-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    if settings.parallel is not None:
+        os.environ["QWEN_EDIT_PARALLEL"] = str(settings.parallel)
+    log.info("api processes", count=settings.api_workers, metrics_dir=folder)
+    return folder
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -111,7 +146,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_json)
     worker_id = settings.worker_id or f"{socket.gethostname()}/{args.slot}"
     try:
-        return run_worker(settings, worker_id)
+        return run_worker(settings, worker_id, ["worker", "--slot", str(args.slot)])
     except ModelLoadError as exc:
         print(f"qwen-edit worker: cannot load the model: {exc}", file=sys.stderr)
         return EXIT_LOAD_FAILED
@@ -121,10 +156,11 @@ def _supervise_workers(settings: Settings, count: int) -> int:
     """``qwen-edit worker --workers N``: N workers on this machine (one per GPU, slots 0..N-1),
     restarted if they die, drained on SIGTERM; what ``serve`` does beside its API, without the API."""
     from server.logs import configure_logging
+    from server.worker.ranks import resolve_auto
     from server.worker.supervisor import WorkerSupervisor
 
     configure_logging(settings.log_level, settings.log_json)
-    settings = settings.model_copy(update={"embedded_workers": count})
+    settings = resolve_auto(settings.model_copy(update={"embedded_workers": count}))
     stop = threading.Event()
     fatal: list[str] = []
 
@@ -156,23 +192,39 @@ def _supervise_workers(settings: Settings, count: int) -> int:
 def cmd_weights_tiny(args: argparse.Namespace) -> int:
     from weights.tiny import build_tiny_model
 
-    folder = build_tiny_model(Path(args.dir), args.variant, seed=args.seed)
+    folder = build_tiny_model(Path(args.dir), args.variant, seed=args.seed, heads=args.heads)
     print(f"built a tiny random {args.variant!r} model in {folder}")
     return 0
 
 
+def cmd_weights_tiny_safety(args: argparse.Namespace) -> int:
+    from weights.tiny_safety import build_tiny_safety
+
+    folder = build_tiny_safety(Path(args.out), args.verdict)
+    print(f"built a tiny random safety classifier in {folder} (QWEN_EDIT_SAFETY_MODEL={folder})")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks.client import main as bench_main  # benchmarks are imported only when asked for
+    from benchmarks.client.cli import main as bench_main  # benchmarks are imported only when asked for
 
     return bench_main(args.bench_args)
 
 
 def cmd_weights_download(args: argparse.Namespace) -> int:
-    from weights.hub import default_folder, download, resolve_repo
+    from weights.download import DownloadError, download
+    from weights.hub import default_folder, resolve_repo
 
     repo = resolve_repo(args.repo)
     folder = Path(args.dir) if args.dir else default_folder(repo)
-    download(repo, folder, revision=args.revision)
+    try:
+        download(repo, folder, revision=args.revision)
+    except DownloadError as exc:
+        print(f"qwen-edit weights download: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("qwen-edit weights download: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     print(f"downloaded {repo} into {folder} (manifest written; `qwen-edit weights verify {folder}`)")
     return 0
 
@@ -220,9 +272,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         host_ram_gb=args.host_ram_gb if args.host_ram_gb is not None else available_host_ram_gb(),
         torchao=importlib.util.find_spec("torchao") is not None,
     )
-    result = report(machine, real_sizes(get_variant(args.variant), args.model))
+    if args.gpus < 1:
+        print("qwen-edit plan: --gpus must be at least 1", file=sys.stderr)
+        return 2
+    sizes = real_sizes(get_variant(args.variant), args.model)
+    result = report(machine, sizes)
+    if args.gpus > 1:
+        from pipelines.parallel_plan import report as parallel_report
+
+        result["parallel"] = parallel_report(args.gpus, args.gpu_memory_gb, sizes)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2, allow_nan=False))  # strict JSON, as every file we write
         return 0
     chosen = result["chosen"]
     print(
@@ -236,7 +296,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{m['mode']:<22} {m['quantize']:<8} {m['peak_gb']:>8.1f} {m['host_ram_gb']:>12.1f}  {m['verdict']}")
     print("\nEstimates from the real architecture (meta device) at each mode's streaming granularity,")
     print("plus ~4 GB of activations at 1 MP with CFG; measure with python -m benchmarks.gpu.")
+    if "parallel" in result:
+        _print_parallel(result["parallel"])
     return 0
+
+
+def _print_parallel(plan: dict[str, object]) -> None:
+    print(f"\nParallel layouts on {plan['gpus']} GPUs (QWEN_EDIT_PARALLEL; auto would choose: {plan['chosen']})\n")
+    print(f"{'layout':<18} {'GPUs':>4} {'groups':>6} {'memory mode':<21} {'GB/GPU':>7} {'speed-up':>8}  verdict")
+    for row in plan["layouts"]:  # type: ignore[attr-defined]
+        print(
+            f"{row['layout']:<18} {row['gpus']:>4} {row['groups']:>6} {row['memory_mode']:<21} "
+            f"{row['peak_gb']:>7.1f} {row['speedup']:>7.2f}x  {row['verdict']}"
+        )
+    print("\nPer-GPU memory: tp shards the blocks' Linear weights, ulysses/ring split the activations, cfg=2")
+    print("splits neither; every rank runs the text encoder and VAE. Speed-ups are estimates (unmeasured):")
+    print("python -m benchmarks.parallel measures them on a multi-GPU machine.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int, help="worker processes to start (0: API only)")
+    serve.add_argument(
+        "--api-workers", type=int, help="API processes on the one port (default 1); the workers still start once"
+    )
     serve.add_argument("--no-auth", action="store_true", help="accept requests without an API key (local use)")
     serve.set_defaults(func=cmd_serve)
 
@@ -276,10 +354,26 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--variant", default="edit")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--heads", type=int, default=1, help="transformer attention heads (2+ to try ulysses=2 or tp=2 on it)"
+    )
     tiny.set_defaults(func=cmd_weights_tiny)
+    safety = wsub.add_parser(
+        "tiny-safety", help="build a tiny random image classifier for QWEN_EDIT_SAFETY_MODEL (offline, for tests)"
+    )
+    safety.add_argument("out", help="folder to create")
+    safety.add_argument(
+        "--verdict",
+        choices=["random", "nsfw", "normal"],
+        default="random",
+        help="pin its verdict: nsfw flags every image, normal none (default: whatever the random weights say)",
+    )
+    safety.set_defaults(func=cmd_weights_tiny_safety)
 
     bench = sub.add_parser(
-        "bench", help="latency benchmark of a v3 endpoint (see `qwen-edit bench -h`)", add_help=False
+        "bench",
+        help="latency benchmark of v3 / OpenAI endpoints; `bench compare RUN...` (see `qwen-edit bench -h`)",
+        add_help=False,
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
@@ -301,8 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--host-ram-gb", type=float, help="available host RAM (default: this machine's)")
     plan.add_argument("--variant", default="edit", help="edit, edit-plus or edit-2511")
     plan.add_argument("--model", help="a model folder: its own configs (default: the variant's real ones)")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs of that size: also show the parallel layouts")
     plan.add_argument("--json", action="store_true", help="machine-readable")
     plan.set_defaults(func=cmd_plan)
+    from server import vendorhost
+
+    vendorhost.add_parser(sub)
     ls = wsub.add_parser("list", help="list the model folders present")
     ls.add_argument("--dir", default="weights")
     ls.set_defaults(func=cmd_weights_list)

@@ -1,7 +1,7 @@
 """One error hierarchy, shared by every process.
 
 ApiError                 answered at the HTTP level, as the v3 envelope (api/handlers.py)
-    BadRequest 400, Unauthorized 401, Forbidden 403, NotFound 404, PayloadTooLarge 413,
+    BadRequest 400, Unauthorized 401, PaymentRequired 402, Forbidden 403, NotFound 404, PayloadTooLarge 413,
     TooManyRequests 429, ServiceUnavailable 503
 JobError                 ends a job as ``failed`` with a v3 task code (worker/failures.py)
     InvalidInput 1401, MediaError 1402, Cancelled 1403
@@ -32,6 +32,10 @@ class Unauthorized(ApiError):
 
     def __init__(self, message: str = "Missing or invalid API key.") -> None:
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class PaymentRequired(ApiError):
+    status_code = 402
 
 
 class Forbidden(ApiError):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from pipelines.layout import Layout
 
 
 class Settings(BaseSettings):
@@ -21,7 +24,13 @@ class Settings(BaseSettings):
     # Other base URLs clients reach this server under (another proxy, a second host name): links
     # of this server under them are read from storage when handed back as inputs. Comma-separated.
     public_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Proxies whose X-Forwarded-Proto / -Host / -For are believed (comma-separated IPs or CIDRs, "*": any).
     forwarded_allow_ips: str = "127.0.0.1"
+    # Vendor-host mode (README): the hosted API's names that clients with a hard-coded URL call
+    # (WaveSpeed's ComfyUI nodes, huggingface_hub's provider). A request that arrives under one of
+    # them came through the TLS proxy of `qwen-edit vendor-host`: its links are https://<that name>,
+    # and such links handed back as inputs are read from storage. Inert until a proxy answers for them.
+    vendor_hosts: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["api.wavespeed.ai", "wavespeed.ai"])
 
     # --- state ---------------------------------------------------------------------------
     data_dir: Path = Path("data")
@@ -53,6 +62,14 @@ class Settings(BaseSettings):
     lease_s: float = Field(60.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     poll_interval_s: float = Field(1.0, gt=0)
+    # One request on several GPUs (pipelines/layout.py): "cfg=2", "ulysses=2", "ring=2", "tp=2", or
+    # combinations ("cfg=2,ulysses=2": 4 GPUs). Each worker is then a group of that many processes,
+    # one per GPU, and `--workers N` counts GPUs: N // group size groups. Empty: one GPU per worker.
+    # auto: a group only where the model does not fit one GPU without streaming weights (decided at
+    # start-up from the GPUs' free memory: server/worker/ranks.py).
+    parallel: str = ""
+    # How long a rank of a group waits on the others (a collective, a step's go-on) before it gives up.
+    parallel_timeout_s: float = Field(600.0, gt=0)
 
     # --- API behaviour -------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -65,6 +82,13 @@ class Settings(BaseSettings):
     max_image_bytes: int = 25 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_prompt_chars: int = 4000
+    # Submit bodies this big or bigger are parsed, and their inline images decoded, probed and
+    # stored, in helper processes (server/api/bigbody.py): in a thread those C calls would hold the
+    # GIL, and every other request of the process would wait. 0 processes: in a thread, as before.
+    body_offload_bytes: int = Field(1024 * 1024, ge=0)
+    body_processes: int = Field(1, ge=0)
+    # API processes on the one port (serve --api-workers); the embedded workers still run once.
+    api_workers: int = Field(1, ge=1)
     fetch_timeout_s: float = Field(20.0, gt=0)
     upload_ttl_s: int = Field(3600, gt=0)
 
@@ -85,6 +109,10 @@ class Settings(BaseSettings):
     storage_presign_ttl_s: int = Field(3600, gt=0)
     # `qwen-edit worker` told to stop: finish the running job for up to this long, then hand it back.
     worker_drain_s: float = Field(30.0, ge=0)
+    # Overlap (server/worker/overlap.py): claim and load the next job while the pipeline runs this
+    # one, and encode and store outputs on their own threads, so that the GPU never waits on them.
+    worker_overlap: bool = True
+    worker_output_threads: int = Field(2, ge=1, le=16)  # threads encoding and storing outputs
 
     # --- hardening: SSRF, per-key limits, retention ------------------------------------------
     # Outbound requests (image URLs, webhooks) never reach loopback, private, link-local, multicast,
@@ -146,16 +174,58 @@ class Settings(BaseSettings):
     preset: Literal["default", "lightning-4", "lightning-8"] = "default"
     lightning_lora: str | None = None
 
+    # --- account: prices, budgets (server/api/account.py) ---------------------------------------
+    # What one completed prediction costs, per model id (or "*" for every model), in USD:
+    # "wavespeed-ai/qwen-image/edit=0.03,*=0.02". Unset: no charge (every price is 0).
+    prices: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
+    # Spending caps per API key (the key itself or its 16-hex id; "*" for every key), in USD: a
+    # submit that would take a key over its cap is refused with 402. Unset: no cap.
+    budgets: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
+
+    # --- safety checker (server/worker/safety.py) -------------------------------------------------
+    # A transformers image-classification model (folder or Hub id, e.g. Falconsai/nsfw_image_detection)
+    # run by the worker on every output; its verdicts are has_nsfw_contents. Unset: no checker (false).
+    safety_model: str | None = None
+    # flag: report only; blur: report and blur the flagged output; refuse: fail the prediction.
+    safety_action: Literal["flag", "blur", "refuse"] = "flag"
+    safety_threshold: float = Field(0.5, ge=0.0, le=1.0)  # an unsafe label's score from which an output is flagged
+    safety_labels: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["nsfw", "porn", "hentai", "sexy", "unsafe"]
+    )  # the classifier's labels that count as unsafe (case-insensitive)
+
     # --- logs ----------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool = False
 
-    @field_validator("api_keys", "admin_keys", "fetch_allow", "lora_dirs", "public_urls", mode="before")
+    @field_validator(
+        "api_keys",
+        "admin_keys",
+        "fetch_allow",
+        "lora_dirs",
+        "public_urls",
+        "safety_labels",
+        "vendor_hosts",
+        mode="before",
+    )
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("vendor_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        return [host.lower().rstrip(".") for host in value]
+
+    @field_validator("parallel")
+    @classmethod
+    def _check_parallel(cls, value: str) -> str:
+        from pipelines.layout import Layout
+
+        if value.strip().lower() == "auto":
+            return "auto"
+        return str(Layout.parse(value))  # a LayoutError is a ValueError: a clear start-up error
 
     @field_validator("dtype")
     @classmethod
@@ -182,6 +252,16 @@ class Settings(BaseSettings):
             return {k.strip(): v.strip() for k, v in pairs}
         return value
 
+    @field_validator("prices", "budgets", mode="before")
+    @classmethod
+    def _split_amounts(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [p.rsplit("=", 1) for p in value.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError("amounts must look like 'name=0.02,*=0.01'")
+            return {k.strip(): v.strip() for k, v in pairs}
+        return value
+
     @model_validator(mode="after")
     def _apply_preset(self) -> Settings:
         if self.preset != "default":
@@ -197,6 +277,20 @@ class Settings(BaseSettings):
             alias = info.validation_alias
             names.add(alias.upper() if isinstance(alias, str) else f"QWEN_EDIT_{name.upper()}")
         return names
+
+    @property
+    def layout(self) -> Layout:
+        from pipelines.layout import Layout
+
+        # "auto" before start-up resolved it (server/worker/ranks.resolve_auto): one GPU per worker.
+        return Layout() if self.parallel == "auto" else Layout.parse(self.parallel)
+
+    @property
+    def worker_slots(self) -> int:
+        """Workers (single processes, or groups of ``parallel``'s size) that ``embedded_workers`` GPUs make."""
+        if self.embedded_workers == 0:
+            return 0
+        return max(1, self.embedded_workers // self.layout.world_size)
 
     def slot_variant(self, slot: int) -> str:
         variants = self.variants or [self.variant]
@@ -217,7 +311,7 @@ class Settings(BaseSettings):
         """Variants with a worker here (embedded), or the configured ones (scale-out: workers elsewhere)."""
         if self.embedded_workers == 0:
             return list(self.variants or [self.variant])
-        return list(dict.fromkeys(self.slot_variant(i) for i in range(self.embedded_workers)))
+        return list(dict.fromkeys(self.slot_variant(i) for i in range(self.worker_slots)))
 
     @property
     def resolved_database_url(self) -> str:

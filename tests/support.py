@@ -41,8 +41,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def png_bytes(size: tuple[int, int] = (80, 64), color: tuple[int, int, int] = (200, 40, 40), fmt: str = "PNG") -> bytes:
-    img = Image.new("RGB", size, color)
+def png_bytes(
+    size: tuple[int, int] = (80, 64), color: tuple[int, int, int] = (200, 40, 40), fmt: str = "PNG", noise: bool = False
+) -> bytes:
+    img = Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3)) if noise else Image.new("RGB", size, color)
     for x in range(0, size[0], 8):  # some structure, so encoders and the model see edges
         for y in range(size[1]):
             img.putpixel((x, y), (20, 20, 220))
@@ -223,6 +225,24 @@ def pg_available() -> bool:
         return False
 
 
+def terminate_sessions(url: str, timeout: float = 30) -> int:
+    """End every session open on the database of ``url`` (what a database restart does to its
+    clients) and return once they are gone; how many there were."""
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,)).fetchall()
+        pids = [pid for (pid,) in rows]
+        conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+        wait_for(
+            lambda: (
+                conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)).fetchone() == (0,)
+            ),
+            timeout,
+            "the terminated sessions to end",
+        )
+    return len(pids)
+
+
 @contextlib.contextmanager
 def database_refusing_connections(url: str) -> Iterator[None]:
     """While inside, the database of ``url`` accepts no connection and has none (a PostgreSQL that
@@ -230,7 +250,7 @@ def database_refusing_connections(url: str) -> Iterator[None]:
     name = url.rsplit("/", 1)[1]
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+    terminate_sessions(url)
     try:
         yield
     finally:
@@ -388,8 +408,10 @@ class ThreadWorker:
         self.error: BaseException | None = None
 
     def _serve(self) -> None:
+        from server.worker.safety import SafetyChecker
+
         try:
-            self.worker.serve(self.runner)
+            self.worker.serve(self.runner, SafetyChecker.load(self.worker.settings))
         except BaseException as exc:  # surfaced by stop()
             self.error = exc
 

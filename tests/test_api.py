@@ -64,6 +64,7 @@ def test_submit_and_result_envelopes_are_exact(stack: Any) -> None:
         "created_at",
         "error",
         "timings",
+        "seed",  # the seed used (an extension; tests/test_seeds.py)
     }
     assert data["model"] == MODEL and data["status"] == "created" and data["outputs"] == [] and data["error"] == ""
     assert ISO_MS.match(data["created_at"]) and data["timings"] == {"inference": 0}
@@ -158,7 +159,7 @@ def test_unknown_fields_client_headers_and_content_types_are_ignored(api: Any) -
         ({"prompt": "x", "image": IMAGE, "size": "100*100"}, "size"),
         ({"prompt": "x", "image": IMAGE, "size": "big"}, "size"),
         ({"prompt": "x", "image": IMAGE, "seed": -2}, "seed"),
-        ({"prompt": "x", "image": IMAGE, "seed": 2**31}, "seed"),
+        ({"prompt": "x", "image": IMAGE, "seed": 1.5}, "seed"),
         ({"prompt": "x", "image": IMAGE, "output_format": "gif"}, "output_format"),
         ({"prompt": "x", "image": IMAGE, "enable_sync_mode": "yes"}, "enable_sync_mode"),
         ({"prompt": 5, "image": IMAGE}, "prompt"),
@@ -243,8 +244,8 @@ def test_a_stored_input_is_not_derivable_from_an_output_link(stack: Any, app_set
     assert job is not None
     (key,) = job.params.stored_keys()
     # The job id is in the output's link; the input's name has a random part of its own.
-    assert pid in output and key.startswith(f"inputs/{pid}/")
-    assert re.fullmatch(rf"inputs/{pid}/0-[A-Za-z0-9_-]{{16}}\.png", key), key
+    assert pid in output and key.startswith(f"inputs/{pid[:2]}/{pid}-")  # a shared folder: no folder per submit
+    assert re.fullmatch(rf"inputs/{pid[:2]}/{pid}-0-[A-Za-z0-9_-]{{16}}\.png", key), key
     assert stack.get(f"/files/inputs/{pid}/0.png").status_code == 404
 
 

@@ -49,6 +49,7 @@ def _max_diff(a: Image.Image, b: Image.Image) -> int:
     return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 def test_batched_run_matches_each_run_alone(runner: EditRunner) -> None:
     batch = [
         _inputs("make it blue", 1, (200, 40, 40)),

@@ -7,116 +7,15 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks import batching, gpu, overhead
-from tests.support import ROOT, ServerProc
+from benchmarks import batching, contention, gpu, overhead
 
 pytestmark = pytest.mark.e2e
 
-PY = sys.executable
-
-
-def test_client_against_the_server(server: ServerProc, tmp_path: Path) -> None:
-    out = tmp_path / "client"
-    proc = subprocess.run(
-        [
-            PY,
-            "-m",
-            "server.cli",
-            "bench",
-            "--url",
-            server.url,
-            "--key",
-            "test-key-1",
-            "-n",
-            "2",
-            "-c",
-            "1",
-            "2",
-            "--mode",
-            "async",
-            "--poll-interval",
-            "0.05",
-            "--out",
-            str(out),
-            "--quiet",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "e2e p50 ms" in proc.stdout  # the printed table
-    report = json.loads((out / "client.json").read_text())
-    assert [s["concurrency"] for s in report["summaries"]] == [1, 2]
-    for s in report["summaries"]:
-        assert s["completed"] == 2 and s["failed"] == 0 and s["throughput_jobs_s"] > 0
-        assert s["e2e_ms"]["p50"] >= s["inference_ms"]["p50"] > 0  # the server reports its inference time
-    rows = list(csv.DictReader((out / "client.csv").open()))
-    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
-    assert (out / "client.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_client_sync_mode(server: ServerProc, tmp_path: Path) -> None:
-    out = tmp_path / "sync"
-    proc = subprocess.run(
-        [
-            PY,
-            "-m",
-            "benchmarks.client",
-            "--url",
-            server.url,
-            "--key",
-            "test-key-1",
-            "-n",
-            "1",
-            "--mode",
-            "sync",
-            "--out",
-            str(out),
-            "--quiet",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    job = json.loads((out / "client.json").read_text())["jobs"][0]
-    assert job["status"] == "completed" and job["polls"] == 0  # held POST, no polling
-    assert job["queue_ms"] is not None and job["queue_ms"] >= 0
-
-
-def test_client_reports_rejected_jobs(server: ServerProc, tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            PY,
-            "-m",
-            "benchmarks.client",
-            "--url",
-            server.url,
-            "--key",
-            "wrong",
-            "-n",
-            "1",
-            "--out",
-            str(tmp_path),
-            "--quiet",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 1
-    job = json.loads((tmp_path / "client.json").read_text())["jobs"][0]
-    assert job["status"] == "http 401"
+# The latency client (`qwen-edit bench`) has its own tests: tests/test_bench_client.py.
 
 
 @pytest.mark.timeout(1800)  # a shared 2-core CPU: the tiny model's 1 MP VAE pass is slow
@@ -135,16 +34,30 @@ def test_overhead_quick(tiny_models: dict[str, Path], tmp_path: Path, capsys: py
     # What the server adds, paired per job: end-to-end minus the job's own pipeline call.
     for row in data["added"]:
         job = data["http_jobs"]["async" if "async" in row["path"] else "sync"][0]
-        assert row["p50"] == pytest.approx(job["e2e_ms"] - job["inference_ms"])
-        assert 0 < row["p50"] < job["e2e_ms"] and job["inference_ms"] > 0
+        assert row["p50"] == pytest.approx(job["e2el_ms"] - job["inference_ms"])
+        assert 0 < row["p50"] < job["e2el_ms"] and job["inference_ms"] > 0
     # Inside the server, from the job rows: every part of both paths, none negative.
     parts = {(r["path"], r["part"]) for r in data["server_breakdown"]}
     assert len(parts) == 6 and all(r["p50"] >= 0 for r in data["server_breakdown"])
     assert [e["requests"] for e in data["endpoints"][:2]] == [60, 60]
     assert all(e["p99"] >= e["p50"] > 0 for e in data["endpoints"])
-    assert set(data["goals"]) == {"overhead_ratio", "overhead_ms", "poll_p99_ms"}
+    assert set(data["goals"]) == {"overhead_ratio", "overhead_ms", "poll_p99_ms", "result_vs_floor", "submit_vs_floor"}
+    # The framework floor, in the same run: both endpoints, a fraction of its throughput each.
+    assert [r["endpoint"] for r in data["floor"]] == ["POST submit", "GET result"]
+    assert all(r["floor_req_s"] > 0 and r["fraction"] > 0 for r in data["floor"])
+    assert all(r["pipeline_slowdown"] > 0 for r in data["added"])
     assert "| path |" in (tmp_path / "overhead.md").read_text()
     assert len(list(csv.DictReader((tmp_path / "overhead.csv").open()))) == 6
+
+
+def test_contention_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m benchmarks.contention --quick`: polls alone and beside big submits, their ratio."""
+    assert contention.main(["--quick", "--seconds", "0.5", "--body-mb", "1.5", "--out", str(tmp_path)]) == 0
+    assert "p99 ratio" in capsys.readouterr().out
+    data = json.loads((tmp_path / "contention.json").read_text())
+    assert data["alone"]["p99"] >= data["alone"]["p50"] > 0 and data["beside"]["p99"] >= data["beside"]["p50"] > 0
+    assert data["submits"]["p50"] > 0 and data["body_bytes"] > 1_000_000 and data["p99_ratio"] > 0
+    assert "| requests |" in (tmp_path / "contention.md").read_text()
 
 
 @pytest.mark.e2e  # every phase at real widths on the CPU: ~4 minutes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipelines.cache import ConditionCache
@@ -28,6 +29,7 @@ def _pixels(runner: EditRunner, inputs: EditInputs) -> np.ndarray:
     return np.asarray(runner(inputs).images[0])
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 def test_cached_encodings_give_identical_images() -> None:
     reference = build_tiny_pipeline("edit")
     BatchedCFG.install(reference)
@@ -53,6 +55,7 @@ def test_cached_encodings_give_identical_images() -> None:
     assert (cache.hits, cache.misses) == (5, 7)
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 def test_lru_keeps_at_most_max_entries_and_batches_reuse_per_image() -> None:
     pipe = build_tiny_pipeline("edit")
     cache = ConditionCache.install(pipe, max_entries=2)

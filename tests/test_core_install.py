@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.core_install import blocked_modules, core_distributions, core_env
 
 
@@ -19,6 +21,7 @@ def test_core_is_read_from_the_project_metadata() -> None:
     assert not {"torch", "fastapi", "httpx", "PIL", "server", "psycopg"} & blocked
 
 
+@pytest.mark.e2e  # a fresh venv and the CLI in a subprocess
 def test_test_only_packages_do_not_import_and_the_cli_runs(tmp_path: Path) -> None:
     env = core_env(tmp_path / "core")
     probe = "import importlib.util as u, fastapi, httpx; import openai"

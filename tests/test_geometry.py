@@ -54,6 +54,7 @@ def test_prompt_tokens_are_the_length_the_pipeline_encodes(runners: dict[str, Ed
         assert runner.prompt_tokens(prompt, [im.size for im in images]) == embeds.shape[1]
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 def test_a_prompt_too_long_is_an_input_error_and_one_that_fits_runs(runners: dict[str, EditRunner]) -> None:
     runner = runners["edit"]
     image = Image.new("RGB", (64, 64), (200, 40, 40))

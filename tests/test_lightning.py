@@ -39,6 +39,7 @@ def test_scheduler_is_a_constant_shift_of_three_whatever_the_size() -> None:
         assert float(pipe.scheduler.sigmas[-1]) == 0.0  # no terminal shift: the last step lands on 0
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 def test_pinned_lightning_lora_runs_four_steps_without_cfg(tmp_path: Path) -> None:
     pipe = build_tiny_pipeline("edit")
     use_lightning_scheduler(pipe)

@@ -37,6 +37,7 @@ def lora_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_lora(tmp_path_factory.mktemp("lora"))
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 def test_lora_changes_output_and_unloading_restores_base_exactly(lora_file: Path, tmp_path: Path) -> None:
     pipe = build_tiny_pipeline("edit")
     manager = LoraManager(pipe, max_loaded=1)
@@ -52,6 +53,7 @@ def test_lora_changes_output_and_unloading_restores_base_exactly(lora_file: Path
     assert np.array_equal(_pixels(runner, [LoraRequest(str(lora_file), 0.0)]), base)
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 def test_lru_evicts_the_oldest_adapter(lora_file: Path, tmp_path: Path) -> None:
     pipe = build_tiny_pipeline("edit")
     manager = LoraManager(pipe, max_loaded=1)
@@ -74,6 +76,7 @@ def test_a_file_that_is_no_lora_is_a_clear_error(tmp_path: Path) -> None:
         pass
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 def test_bare_transformer_keys_load(lora_file: Path, tmp_path: Path) -> None:
     """PEFT-style files that name the transformer's layers without the ``transformer.`` prefix."""
     from safetensors.torch import load_file, save_file
@@ -110,6 +113,7 @@ def test_a_lora_for_another_model_is_an_error_not_a_silent_no_op(tmp_path: Path)
     assert manager.loaded == {} and pipe.get_list_adapters().get("transformer", []) == []  # no phantom adapter
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 def test_a_pinned_lora_can_be_fused_into_the_weights(lora_file: Path) -> None:
     """Lightning's permanent LoRA: fused, the same pixels as the adapter, and no adapter path left."""
     pipe = build_tiny_pipeline("edit")

@@ -127,3 +127,25 @@ def test_an_own_upload_url_with_a_long_name_is_400_not_500(api: Any) -> None:
     body = {"prompt": "x", "image": "http://testserver/files/uploads/" + "x" * 5000 + ".png"}
     r = api.post("/api/v3/wavespeed-ai/qwen-image/edit", json=body, headers=KEY1)
     assert r.status_code == 400, r.text
+
+
+def test_outputs_encode_in_their_format_and_png_stays_lossless() -> None:
+    """The fast encoder settings (server/media/images.py) still write what was asked: PNG exactly
+    the pixels, JPEG and WebP their own format at the output's size."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from server.media.images import encode_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    for fmt, name in (("jpeg", "JPEG"), ("png", "PNG"), ("webp", "WEBP")):
+        with Image.open(io.BytesIO(encode_image(image, fmt))) as back:
+            assert back.format == name and back.size == (64, 48)
+            if fmt == "png":
+                assert np.array_equal(np.asarray(back.convert("RGB")), pixels)
+    rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 128))
+    with Image.open(io.BytesIO(encode_image(rgba, "jpeg"))) as back:
+        assert back.mode == "RGB"

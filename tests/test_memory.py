@@ -35,6 +35,7 @@ def _plan(mode: str, quantize: str = "none") -> MemoryPlan:
     return MemoryPlan(mode, quantize, None, "test")  # type: ignore[arg-type]
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 def test_each_streamed_mode_runs_a_job_with_the_plain_pixels() -> None:
     base = _run(build_tiny_pipeline("edit"))
     for mode in ("group-block", "group-leaf", "text-encoder-offload"):
@@ -63,6 +64,7 @@ def test_model_offload_needs_a_gpu() -> None:
         apply_plan(build_tiny_pipeline("edit"), _plan("model-offload"), "cpu")
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 def test_int8_is_applied_while_the_transformer_loads(tiny_models: dict[str, Path]) -> None:
     """Quantized by from_pretrained (torchao through diffusers), before any placement: the blocks'
     linears 8-bit, the embedders and output layer as stored; then placement streams the quantized
@@ -83,3 +85,16 @@ def test_int8_is_applied_while_the_transformer_loads(tiny_models: dict[str, Path
     assert offload_groups_gb(pipe.transformer)  # and then streamed
     out = _run(pipe)
     assert out.shape == (64, 64, 3) and out.std() > 0
+
+
+def test_the_applied_plan_is_logged_as_loaded_not_as_the_real_model() -> None:
+    """The tiny model on the CPU: the log shows its own few MB and no estimate of the 20B model's peak."""
+    from structlog.testing import capture_logs
+
+    pipe = build_tiny_pipeline("edit")
+    with capture_logs() as logs:
+        apply_plan(pipe, _plan("full"), "cpu")
+    (event,) = [e for e in logs if e["event"] == "memory plan applied"]
+    assert "estimated_peak_gb" not in event and event["device"] == "cpu"
+    assert set(event["loaded"]) == {"transformer", "text_encoder", "vae"}
+    assert all(size.endswith(" MB") for size in event["loaded"].values()), event

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import checks as st_checks
@@ -33,6 +34,7 @@ def _needs_real_media(method: str, path: str) -> bool:
     return (method, path) in MEDIA_BEARING or (method == "POST" and path.startswith("/api/v3/wavespeed-ai/"))
 
 
+@pytest.mark.e2e  # every operation fuzzed through the whole app: minutes
 def test_api_conforms_to_its_schema_with_every_check(tmp_path: Path) -> None:
     st_checks.load_all_checks()
     everything = st_checks.CHECKS.get_all()

@@ -3,6 +3,7 @@ worker that died a moment ago, its row still saying "ready", does not make the s
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from server.jobs.contract import PRESENCE_FRESH_S, WorkerInfo, WorkerState
@@ -19,7 +20,7 @@ def _row(store: JobStore, state: WorkerState, age_s: float, worker_id: str = "ho
 
 
 def test_readiness_counts_only_fresh_workers(api: Any, app_settings: Any) -> None:
-    assert api.get("/livez").json() == {"status": "ok"}
+    assert api.get("/livez").json() == {"status": "ok", "pid": os.getpid()}  # TestClient: this process
     r = api.get("/readyz")
     assert r.status_code == 503 and "none running" in r.json()["message"] and r.headers["Retry-After"]
     store = JobStore.open(app_settings)
@@ -32,5 +33,10 @@ def test_readiness_counts_only_fresh_workers(api: Any, app_settings: Any) -> Non
         _row(store, WorkerState.READY, 0.5)
         body = api.get("/readyz").json()
         assert body["status"] == "ready" and [w["state"] for w in body["workers"]] == ["ready"]
+        # What the deployment runs, from its settings, for `qwen-edit bench` to record.
+        config = body["config"]
+        assert config["variants"] == ["edit"] and config["default_steps"] == app_settings.default_steps
+        assert config["memory_mode"] == app_settings.memory_mode and config["batch_max_size"] == 1
+        assert {"device", "preset", "weights", "version"} <= set(config)
     finally:
         store.close()

@@ -32,7 +32,11 @@ def test_retention_deletes_old_jobs_and_files_only(short_retention: tuple[Any, P
         return str(r.json()["data"]["id"])
 
     old, queued = submit(), submit()
-    assert (files / "inputs" / old).is_dir() and (files / "inputs" / queued).is_dir()
+
+    def inputs_of(job_id: str) -> list[Path]:  # inputs/<2 hex>/<job id>-<index>-<random>.<ext>
+        return list((files / "inputs").glob(f"{job_id[:2]}/{job_id}-*"))
+
+    assert inputs_of(old) and inputs_of(queued)
     cancel = client.post(f"/api/v3/predictions/{old}/cancel", headers=KEY1)
     assert cancel.json()["data"].get("status") == "failed", cancel.text  # finished: subject to retention
     up = client.post("/api/v3/media/upload/binary", files={"file": ("a.png", png_bytes(), "image/png")}, headers=KEY1)
@@ -44,8 +48,8 @@ def test_retention_deletes_old_jobs_and_files_only(short_retention: tuple[Any, P
         return gone and client.get(upload_url).status_code == 404
 
     wait_for(swept, timeout=30, what="the retention sweep")
-    assert not (files / "inputs" / old).exists()
+    assert not inputs_of(old)
     # The queued job is older than the retention too, but unfinished: untouched, inputs included.
     r = client.get(f"/api/v3/predictions/{queued}/result", headers=KEY1)
     assert r.status_code == 200 and r.json()["data"]["status"] == "created"
-    assert any((files / "inputs" / queued).iterdir())
+    assert inputs_of(queued)

@@ -55,6 +55,7 @@ def tiny_plus(tiny_family: dict[str, Path]) -> Path:
     return tiny_family["edit-plus"]
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 @pytest.mark.parametrize("variant", ["edit", "edit-plus"])
 def test_batched_cfg_matches_two_passes(variant: str, tiny_models: dict[str, Path], request: Any) -> None:
     folder = tiny_models["edit"] if variant == "edit" else request.getfixturevalue("tiny_plus")
@@ -82,6 +83,7 @@ def test_batched_cfg_is_off_by_default() -> None:
     assert SpeedConfig.from_settings(Settings()).batched_cfg is False
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 def test_batched_cfg_on_a_backend_that_refuses_masks_runs_two_passes(
     tiny_models: dict[str, Path], request: pytest.FixtureRequest
 ) -> None:
@@ -104,6 +106,7 @@ def test_batched_cfg_on_a_backend_that_refuses_masks_runs_two_passes(
     assert hook.batched_calls == same.num_inference_steps * 2
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 def test_batched_cfg_survives_group_offloading_and_lora_loads(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """The worker's order: placement, then batched CFG, then a LoRA pinned. Loading a LoRA makes
     diffusers take group offloading off and put it back; the hook (in the model's hook registry,
@@ -139,6 +142,7 @@ def test_pad_text_marks_padding() -> None:
     assert mask.tolist() == [[True, True, True, False, False]] * 2
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 def test_attention_backend_falls_back_with_reason(tiny_models: dict[str, Path]) -> None:
     pipe, runner = _load(tiny_models["edit"], "edit")
     report = SpeedReport()
@@ -181,6 +185,7 @@ def test_regional_compile_with_group_offloading_runs(tiny_models: dict[str, Path
     assert np.abs(_pixels(runner, _inputs(true_cfg_scale=1.0)) - plain).max() <= 1
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 def test_step_cache_runs_or_says_why(tiny_models: dict[str, Path]) -> None:
     pipe, runner = _load(tiny_models["edit"], "edit")
     report = apply_speed(pipe, SpeedConfig(batched_cfg=True, step_cache=True, step_cache_warmup_steps=1), "cpu")

@@ -139,6 +139,27 @@ def test_claim_only_own_variant(store: JobStore) -> None:
     assert store.claim("w", ["edit-plus"], 30) is None
 
 
+def test_a_claim_that_finds_nothing_takes_no_write_lock_on_sqlite(tmp_path: Path) -> None:
+    """SQLite has one writer: a worker woken for a job another one took (or polling an empty queue)
+    must not queue behind, or hold up, the submits. Its claim answers while a writer holds the lock."""
+    import sqlite3
+
+    store = JobStore.at(f"sqlite:///{tmp_path / 'jobs.db'}", run_dir=tmp_path / "run")
+    store.migrate()
+    writer = sqlite3.connect(tmp_path / "jobs.db", timeout=0, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # another process's write transaction, held open
+        assert store.claim("w", [VARIANT], 60) is None
+        assert store.claim_compatible("w", "some-key", 4, 60) == []
+        writer.execute("ROLLBACK")
+        job = make_job(store)
+        claimed = store.claim("w", [VARIANT], 60)
+        assert claimed is not None and claimed.id == job.id
+    finally:
+        writer.close()
+        store.close()
+
+
 def test_claim_compatible_takes_only_same_key_jobs_in_order(store: JobStore) -> None:
     base = now_ms() - 10_000
     first = make_job(store, batch_key="k1", created_at=base)
@@ -362,6 +383,26 @@ def test_an_unreachable_database_is_store_unavailable() -> None:
             store.ping()
         with pytest.raises(StoreUnavailable):
             store.get("abc")
+    finally:
+        store.close()
+
+
+def test_connections_the_database_closed_are_replaced_not_failed(pg_url: str) -> None:
+    """A database restart closes every pooled connection: the calls after it reconnect, none fails."""
+    from tests.support import terminate_sessions
+
+    store = JobStore.open(Settings(database_url=pg_url), pool_size=4)
+    store.migrate()
+    try:
+        job = make_job(store)
+        # Four idle pooled connections, each checked out at once so that the pool keeps four.
+        with store.db.engine.connect(), store.db.engine.connect(), store.db.engine.connect():
+            assert store.get(job.id) is not None
+        assert terminate_sessions(pg_url) >= 4
+        for _ in range(8):  # the pool hands its connections out in turn: every stale one is met
+            got = store.get(job.id)
+            assert got is not None and got.id == job.id
+        store.ping()
     finally:
         store.close()
 

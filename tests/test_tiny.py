@@ -22,6 +22,7 @@ def test_tiny_folder_has_the_real_layout(tiny_models: dict[str, Path]) -> None:
     assert (folder / "model_index.json").is_file()
 
 
+@pytest.mark.e2e  # a whole diffusers pipeline run on the tiny model: seconds on a CPU
 def test_two_builds_give_the_same_pixels(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     other = build_tiny_model(tmp_path / "again", "edit")
     variant = get_variant("edit")

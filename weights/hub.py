@@ -1,5 +1,6 @@
-"""Model folders from the Hugging Face Hub: download (resumable, only what the pipeline needs),
-verify (against the Hub's metadata when online, else the manifest written at download), list.
+"""Model folders from the Hugging Face Hub: what the pipeline needs of a repository, verify (against
+the Hub's metadata when online, else the manifest written at download), list. The download itself,
+and its failures, are ``weights/download.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from weights.manifest import (
     FileEntry,
     VerifyReport,
     verify_folder,
-    write_manifest,
 )
 
 DEFAULT_DIR = Path("weights")
@@ -38,37 +38,26 @@ def wanted(name: str) -> bool:
     return match(ALLOW_PATTERNS) and not match(IGNORE_PATTERNS)
 
 
-def hub_expected(repo_id: str, revision: str | None = None) -> dict[str, FileEntry]:
-    """Files the pipeline needs from ``repo_id``, with sizes and (for LFS files) sha256, from the Hub."""
+def hub_listing(
+    repo_id: str, revision: str | None = None, endpoint: str | None = None
+) -> tuple[str, dict[str, FileEntry]]:
+    """The commit ``revision`` names, and the files the pipeline needs from it with their sizes and
+    (for LFS files) sha256, from the Hub (``endpoint``: default huggingface_hub's own, ``HF_ENDPOINT``)."""
     from huggingface_hub import HfApi
 
-    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, files_metadata=True)
     out: dict[str, FileEntry] = {}
     for sibling in info.siblings or []:
         if not wanted(sibling.rfilename):
             continue
         sha = sibling.lfs.sha256 if sibling.lfs else None
         out[sibling.rfilename] = FileEntry(size=int(sibling.size or 0), sha256=sha)
-    return out
+    return info.sha or revision or "main", out
 
 
-def download(repo_id: str, folder: Path, revision: str | None = None, max_workers: int = 8) -> Path:
-    """Fetch what the pipeline needs into ``folder`` (an interrupted download resumes), then write
-    the manifest that lets ``verify`` work offline."""
-    from huggingface_hub import snapshot_download
-
-    folder.mkdir(parents=True, exist_ok=True)
-    expected = hub_expected(repo_id, revision)
-    snapshot_download(
-        repo_id,
-        revision=revision,
-        local_dir=folder,
-        allow_patterns=ALLOW_PATTERNS,
-        ignore_patterns=IGNORE_PATTERNS,
-        max_workers=max_workers,
-    )
-    write_manifest(folder, expected, source=f"{repo_id}@{revision or 'main'}")
-    return folder
+def hub_expected(repo_id: str, revision: str | None = None, endpoint: str | None = None) -> dict[str, FileEntry]:
+    """Files the pipeline needs from ``repo_id``, with sizes and (for LFS files) sha256, from the Hub."""
+    return hub_listing(repo_id, revision, endpoint)[1]
 
 
 def verify(folder: Path, repo_id: str | None = None, *, online: bool = False, hashes: bool = True) -> VerifyReport:

@@ -103,7 +103,7 @@ def build_manifest(folder: Path, known: dict[str, FileEntry] | None = None, sour
 
 def write_manifest(folder: Path, known: dict[str, FileEntry] | None = None, source: str = "") -> Path:
     path = folder / MANIFEST_NAME
-    path.write_text(json.dumps(build_manifest(folder, known, source), indent=1) + "\n")
+    path.write_text(json.dumps(build_manifest(folder, known, source), indent=1, allow_nan=False) + "\n")
     return path
 
 

@@ -115,8 +115,12 @@ def build_processor(tokenizer: Qwen2Tokenizer) -> Qwen2VLProcessor:
     return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor)
 
 
-def build_tiny_pipeline(variant: str | Variant = "edit", seed: int = 0):  # type: ignore[no-untyped-def]
-    """Build a tiny random pipeline of ``variant`` (an in-memory diffusers pipeline)."""
+def build_tiny_pipeline(variant: str | Variant = "edit", seed: int = 0, heads: int = 1):  # type: ignore[no-untyped-def]
+    """Build a tiny random pipeline of ``variant`` (an in-memory diffusers pipeline). ``heads``: the
+    transformer's attention heads (of 16 dimensions each), enough to split for head-sharded
+    parallel layouts (ulysses, tp: pipelines/layout.py)."""
+    if heads < 1:
+        raise ValueError(f"heads must be at least 1, got {heads}")
     import torch
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -136,7 +140,7 @@ def build_tiny_pipeline(variant: str | Variant = "edit", seed: int = 0):  # type
         out_channels=4,
         num_layers=2,
         attention_head_dim=16,
-        num_attention_heads=1,
+        num_attention_heads=heads,
         joint_attention_dim=16,
         guidance_embeds=False,
         axes_dims_rope=(8, 4, 4),
@@ -190,17 +194,18 @@ def build_tiny_pipeline(variant: str | Variant = "edit", seed: int = 0):  # type
     )
 
 
-def build_tiny_model(folder: str | Path, variant: str = "edit", seed: int = 0) -> Path:
+def build_tiny_model(folder: str | Path, variant: str = "edit", seed: int = 0, heads: int = 1) -> Path:
     """Write a tiny ``variant`` model folder to ``folder`` (created if missing) and return it."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    pipe = build_tiny_pipeline(variant, seed=seed)
+    pipe = build_tiny_pipeline(variant, seed=seed, heads=heads)
     # Build beside the target and rename: a crash never leaves a half-written model folder.
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-") as tmp:
         staging = Path(tmp) / "model"
         pipe.save_pretrained(staging, safe_serialization=True)
         (staging / "TINY_MODEL.txt").write_text(
-            f"A tiny random {variant!r} model built by `qwen-edit weights tiny` (seed {seed}). "
+            f"A tiny random {variant!r} model built by `qwen-edit weights tiny` (seed {seed}, {heads} attention "
+            f"head{'s' if heads > 1 else ''}). "
             "It has the real layout and code path but produces noise, not edits.\n"
         )
         if folder.exists():

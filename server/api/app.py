@@ -14,12 +14,25 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import Authenticator
+from server.api.bigbody import BodyHelpers, BodyOffload
 from server.api.deps import Services
 from server.api.handlers import install_error_handlers
 from server.api.limits import RateLimiter
 from server.api.middleware import BodyLimit, JsonByDefault, RequestTimer
+from server.api.proxy import ProxyHeaders
 from server.api.render import Renderer
-from server.api.routes import media, openai, ops, playground, predictions
+from server.api.routes import (
+    account,
+    catalog,
+    history,
+    hub,
+    media,
+    model_product,
+    openai,
+    ops,
+    playground,
+    predictions,
+)
 from server.api.tasks.base import Background
 from server.api.tasks.fanout import DoneFanout
 from server.api.tasks.reaper import reaper_task
@@ -76,6 +89,16 @@ def build_services(settings: Settings, store: JobStore) -> Services:
     )
 
 
+def app_from_env() -> FastAPI:
+    """The app of one of ``serve --api-workers N``'s processes (spawned by uvicorn: nothing of the
+    parent's set-up is inherited but the environment): settings and logging from it."""
+    from server.logs import configure_logging
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    return create_app(settings)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -84,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = JobStore.open(settings)
         svc = await run_in_threadpool(build_services, settings, store)
         app.state.services = svc
+        app.state.body_helpers = BodyHelpers(settings)
         dispatcher = WebhookDispatcher(
             store,
             svc.renderer,
@@ -100,7 +124,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         collector = JobStoreCollector(store)
         app.state.metrics_registry.register(collector)
         tasks: list[Background] = [svc.waiter, dispatcher, reaper_task(store, max(1.0, settings.lease_s / 4))]
-        retention = retention_task(store, svc.storage, settings.retention_s, settings.retention_interval_s)
+        retention = retention_task(
+            store, svc.storage, settings.retention_s, settings.retention_interval_s, settings.upload_ttl_s
+        )
         if retention is not None:
             tasks.append(retention)
         await fanout.start()
@@ -117,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await task.stop()
             app.state.metrics_registry.unregister(collector)
             await fanout.stop()
+            app.state.body_helpers.close()
             store.close()
 
     app = FastAPI(
@@ -128,13 +155,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.state.metrics_registry, latency = build_registry()
     app.include_router(media.router)
+    app.include_router(history.router)  # before predictions: POST /api/v3/predictions is no model id
     app.include_router(predictions.router)
+    app.include_router(catalog.router)
+    app.include_router(account.router)
     app.include_router(ops.router)
     # Playground (static page) and the OpenAI-compatible images API: see routes/playground.py, openai.py.
     app.include_router(openai.router)
     app.include_router(playground.router)
+    # Vendor-host mode: huggingface_hub's provider mapping, the ComfyUI nodes' catalogue.
+    app.include_router(hub.router)
+    app.include_router(model_product.router)
     playground.mount_static(app)
+    app.add_middleware(BodyOffload, threshold=settings.body_offload_bytes)
     app.add_middleware(JsonByDefault)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestTimer, histogram=latency)
+    app.add_middleware(
+        ProxyHeaders, trusted=settings.forwarded_allow_ips
+    )  # outermost: the rest sees the original request
     return app

@@ -11,6 +11,7 @@ from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from pipelines.registry import endpoints_of, get_variant
+from server.api.account import Account
 from server.api.auth import Authenticator, Caller
 from server.api.limits import RateLimiter
 from server.jobs.store import JobStore
@@ -35,13 +36,21 @@ class Services:
     webhook_secret: str
     variants: list[str] = field(default_factory=list)
     rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))  # per-key submits/minute
+    account: Account = field(init=False)  # prices, budgets, spending (api/account.py)
+
+    def __post_init__(self) -> None:
+        self.account = Account(self.settings, self.store)
 
     def served_models(self) -> str:
         return ", ".join(m for v in self.variants for m in endpoints_of(get_variant(v)))
 
     def own_origins(self, request: Request) -> set[str]:
         """scheme://host[:port] under which clients reach this server (to recognise our own links)."""
-        bases = {str(request.base_url), *self.settings.public_urls}
+        bases = {
+            str(request.base_url),
+            *self.settings.public_urls,
+            *(f"https://{h}" for h in self.settings.vendor_hosts),
+        }
         if self.settings.public_url:
             bases.add(self.settings.public_url)
         return {f"{p.scheme}://{p.netloc}".lower() for p in map(urlsplit, bases)}
@@ -65,7 +74,12 @@ async def caller(request: Request, _: HTTPAuthorizationCredentials | None = Secu
 
 
 def base_url(request: Request, settings: Settings) -> str:
-    """Where clients reach us: the configured public URL, else what this request was sent to."""
+    """Where clients reach us: a vendor host's https name for a request that came for one (the
+    proxy of vendor-host mode terminates TLS for it), else the configured public URL, else what
+    this request was sent to (its Host, or X-Forwarded-Host/-Proto from a trusted proxy)."""
+    host = (request.url.hostname or "").lower()
+    if host in settings.vendor_hosts:
+        return f"https://{request.url.netloc}"
     if settings.public_url:
         return settings.public_url.rstrip("/")
     return str(request.base_url).rstrip("/")

@@ -1,4 +1,4 @@
-"""Examples for the OpenAPI docs at /docs, matching ../shared/API.md (docs only: nothing here is served)."""
+"""Examples for the OpenAPI docs at /docs, matching docs/API.md (docs only: nothing here is served)."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ class Renderer:
             {
                 "outputs": outputs,
                 "urls": {"get": f"{base}/api/v3/predictions/{job.id}/result"},
-                "has_nsfw_contents": [False] * len(outputs),
+                "has_nsfw_contents": self.nsfw_flags(job, len(outputs)),
                 "status": job.status.value,
                 "created_at": iso_ms(job.created_at),
                 "error": job.error or "",
@@ -49,9 +49,16 @@ class Renderer:
         )
         if job.status == Status.FAILED:
             data["code"] = job.error_code or INTERNAL_ERROR
+        data["seed"] = job.seed
         if job.progress_total:
             data["progress"] = {"step": job.progress_step, "total": job.progress_total}
         return data
+
+    @staticmethod
+    def nsfw_flags(job: Job, count: int) -> list[bool]:
+        """The safety checker's verdict per output; false where none ran (QWEN_EDIT_SAFETY_MODEL unset)."""
+        flags = list(job.nsfw or [])
+        return [bool(flag) for flag in flags[:count]] + [False] * max(0, count - len(flags))
 
     async def render(self, job: Job, base: str) -> dict[str, Any]:
         """``prediction`` from the event loop: in a worker thread only where it does I/O (inline

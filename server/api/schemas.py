@@ -87,7 +87,14 @@ class EditRequest(BaseModel):
             json_schema_extra={"pattern": SIZE_PATTERN},
         ),
     ] = None
-    seed: Annotated[int, Field(ge=-1, le=2147483647, description="-1 draws a random seed.")] = -1
+    seed: Annotated[
+        int,
+        Field(
+            ge=-1,
+            description="-1 draws a random seed. Any larger integer is accepted and reduced modulo 2**53 "
+            "(used as sent below that); the result's `seed` is the one used.",
+        ),
+    ] = -1
     output_format: Literal["jpeg", "png", "webp"] = "jpeg"
     enable_base64_output: StrictBool = False
     enable_sync_mode: StrictBool = False
@@ -118,11 +125,14 @@ class EditRequest(BaseModel):
 
 
 def _unicode(value: str, name: str) -> str:
-    """JSON can carry lone surrogates (``"\\ud800"``) that no tokenizer can encode: refuse them here."""
+    """JSON can carry lone surrogates (``"\\ud800"``) that no tokenizer can encode, and NUL characters
+    that mean nothing in a prompt and that PostgreSQL cannot store in text: refuse both here."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
+    if "\x00" in value:
+        raise ValueError(f"{name} holds a NUL character (\\u0000)")
     return value
 
 
@@ -151,6 +161,7 @@ class Prediction(BaseModel):
     timings: Timings
     code: int | None = Field(None, description="Task error code when failed (1400..5004).")
     progress: Progress | None = Field(None, description="Denoising steps done (an extension).")
+    seed: int | None = Field(None, description="The seed the edit ran with (an extension): same seed, same pixels.")
 
 
 class PredictionEnvelope(BaseModel):

@@ -6,13 +6,12 @@
 4. images     each image string becomes an ImageRef (inline bytes checked and stored now)
 5. params     the typed JobParams: defaults, allowed overrides, the seed drawn
 6. echo       what the client sent, inline bytes replaced by links to the stored copies
-7. admit      one row, inserted atomically with the queue cap and the per-key cap
+7. admit      one row, inserted atomically with the queue cap, the per-key cap and the key's budget
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -22,21 +21,22 @@ from starlette.concurrency import run_in_threadpool
 from pipelines import geometry
 from pipelines.errors import PipelineInputError
 from pipelines.registry import Endpoint, endpoint_for, endpoints_of
+from server.api import seeds
+from server.api.account import over_budget
 from server.api.auth import Caller
+from server.api.bigbody import PreparedRequest
 from server.api.deps import Services, base_url
 from server.api.limits import queue_full, too_many_in_flight
 from server.api.schemas import EditRequest, parse_size
 from server.errors import BadRequest, NotFound
 from server.jobs.contract import ImageRef, Job, JobParams, LoraRef, Status
-from server.jobs.store import Admission, KeyAtLimit, QueueFull, new_id, now_ms
+from server.jobs.store import Admission, KeyAtLimit, OverBudget, QueueFull, new_id, now_ms
 from server.media.images import ImageLimits
 from server.media.loras import check_at_submit as check_loras
 from server.media.netguard import BlockedDestination, NetGuard
 from server.media.references import MAX_URL_CHARS, to_reference
 
 log = structlog.get_logger(__name__)
-
-MAX_SEED = 2147483647
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,14 @@ class Origin:
     base: str  # the base URL of the links we hand out
     own_origins: frozenset[str]  # scheme://host[:port] of this server, to recognise its own links
     caller: Caller
+    # A big body's inline images, already stored by a helper process (server/api/bigbody.py).
+    prepared: PreparedRequest | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, request: Request, svc: Services, caller: Caller) -> Origin:
-        return cls(base_url(request, svc.settings), frozenset(svc.own_origins(request)), caller)
+        return cls(
+            base_url(request, svc.settings), frozenset(svc.own_origins(request)), caller, PreparedRequest.of(request)
+        )
 
 
 async def submit(svc: Services, model: str, body: EditRequest, origin: Origin, webhook: str | None = None) -> Job:
@@ -103,7 +107,9 @@ def _admit(svc: Services, endpoint: Endpoint, body: EditRequest, origin: Origin,
     settings = svc.settings
     guard = NetGuard.from_entries(settings.fetch_allow)
     check_request(body, endpoint, svc, guard, webhook)
-    job_id = new_id()
+    # A prepared body's images are stored under the id chosen for it; one body makes one job (the
+    # OpenAI door's n > 1 takes multipart, never a prepared body).
+    job_id = origin.prepared.job_id if origin.prepared is not None and not origin.prepared.taken else new_id()
     refs = image_refs(body, endpoint, job_id, svc, origin, guard)
     params = job_params(body, refs, svc)
     now = now_ms()
@@ -126,12 +132,17 @@ def _admit(svc: Services, endpoint: Endpoint, body: EditRequest, origin: Origin,
         batch_key=params.batch_key(endpoint.variant),
     )
     try:
-        svc.store.create(job, Admission(queue_cap=settings.queue_cap, per_key=settings.max_jobs_per_key))
-    except (QueueFull, KeyAtLimit) as exc:
+        budget = svc.account.admission_budget(origin.caller)
+        svc.store.create(job, Admission(queue_cap=settings.queue_cap, per_key=settings.max_jobs_per_key, budget=budget))
+    except (QueueFull, KeyAtLimit, OverBudget) as exc:
         for key in params.stored_keys():  # the inline images stored in step 4 belong to no job now
             if key.startswith("inputs/"):
                 svc.storage.delete(key)
+        if isinstance(exc, OverBudget):
+            raise over_budget(exc) from exc
         raise queue_full() if isinstance(exc, QueueFull) else too_many_in_flight(settings.max_jobs_per_key) from exc
+    if origin.prepared is not None:  # what the job holds stays; the rest goes when the response has
+        origin.prepared.taken.update(params.stored_keys())
     return job
 
 
@@ -179,25 +190,32 @@ def image_refs(
         return job is not None and origin.caller.owns(job) and key in job.outputs
 
     refs: list[ImageRef] = []
-    for i, value in enumerate(raw):
-        ref, size = to_reference(
-            value,
-            field=field,
-            job_id=job_id,
-            index=i,
-            storage=svc.storage,
-            own_origins=set(origin.own_origins),
-            limits=limits,
-            may_read=may_read,
-        )
-        if ref.url is not None:
-            refuse_destination(guard, ref.url, field)
-        if size is not None:  # bytes at hand: what the pipeline could not resize is refused now
-            try:
-                geometry.check_images(variant, [size], width, height)
-            except PipelineInputError as exc:
-                raise BadRequest(f"{field}: {exc}") from exc
-        refs.append(ref)
+    try:
+        for i, value in enumerate(raw):
+            ref, size = to_reference(
+                value,
+                field=field,
+                job_id=job_id,
+                index=i,
+                storage=svc.storage,
+                own_origins=set(origin.own_origins),
+                limits=limits,
+                may_read=may_read,
+                prepared=origin.prepared.images if origin.prepared is not None else None,
+            )
+            refs.append(ref)
+            if ref.url is not None:
+                refuse_destination(guard, ref.url, field)
+            if size is not None:  # bytes at hand: what the pipeline could not resize is refused now
+                try:
+                    geometry.check_images(variant, [size], width, height)
+                except PipelineInputError as exc:
+                    raise BadRequest(f"{field}: {exc}") from exc
+    except BadRequest:
+        for ref in refs:  # the inline images stored so far belong to no job
+            if ref.key is not None and ref.key.startswith("inputs/"):
+                svc.storage.delete(ref.key)
+        raise
     return tuple(refs)
 
 
@@ -211,7 +229,7 @@ def job_params(body: EditRequest, refs: tuple[ImageRef, ...], svc: Services) -> 
     return JobParams(
         prompt=body.prompt,
         images=refs,
-        seed=body.seed if body.seed >= 0 else random.SystemRandom().randint(0, MAX_SEED),
+        seed=seeds.resolve(body.seed),
         num_inference_steps=steps,
         true_cfg_scale=body.true_cfg_scale if overrides and body.true_cfg_scale else settings.default_true_cfg_scale,
         negative_prompt=body.negative_prompt

@@ -1,13 +1,14 @@
 """Prometheus metrics of the job store, for ``GET /metrics``.
 
 The API and the workers are separate processes (maybe separate machines), so job metrics are not
-counted in memory: a collector asks the job store at scrape time.
+counted in memory: a collector reads the job store's counters at scrape time (``server/jobs/stats.py``:
+kept in the transactions that move jobs, so a scrape reads a few dozen rows however many jobs are
+stored, and every API replica reports the same numbers, before and after a restart).
 
-* ``qwen_edit_queue_depth``, ``qwen_edit_jobs{status}``: counts of job rows.
-* ``qwen_edit_queue_wait_seconds`` and ``qwen_edit_inference_seconds``: histograms derived from the
-  job rows (``started_at - created_at`` and ``inference_ms``), aggregated by the database. They cover
-  the jobs the store still holds, so retention deleting rows reads as a counter reset, which
-  ``rate()`` handles.
+* ``qwen_edit_queue_depth``, ``qwen_edit_jobs{status}``: jobs per status.
+* ``qwen_edit_queue_wait_seconds`` and ``qwen_edit_inference_seconds``: histograms of each start
+  (``started_at - created_at``) and of each completed job's ``inference_ms``. They only grow
+  (retention deleting jobs does not lower them).
 * ``qwen_edit_workers{state}``, ``qwen_edit_gpu_memory_bytes{worker,kind}``: what each worker last published.
 * ``qwen_edit_http_request_duration_seconds{method,route,status}``: measured in this API process
   (``api/middleware.py``).
@@ -15,21 +16,21 @@ counted in memory: a collector asks the job store at scrape time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.jobs import stats
 from server.jobs.contract import Status
-from server.jobs.store import Histogram as StoreHistogram
 from server.jobs.store import JobStore, now_ms
 
-BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0)
-_BOUNDS_MS = tuple(int(b * 1000) for b in BUCKETS_S)
+BUCKETS_S = tuple(ms / 1000 for ms in stats.BOUNDS_MS)
 
 
-def _histogram(name: str, doc: str, h: StoreHistogram) -> HistogramMetricFamily:
+def _histogram(name: str, doc: str, h: stats.Histogram) -> HistogramMetricFamily:
     buckets = [(str(b), float(n)) for b, n in zip(BUCKETS_S, h.cumulative, strict=True)]
     buckets.append(("+Inf", float(h.count)))
     metric = HistogramMetricFamily(name, doc)
@@ -41,8 +42,19 @@ class JobStoreCollector(Collector):
     def __init__(self, store: JobStore) -> None:
         self.store = store
 
+    def describe(self) -> Iterable[Metric]:
+        # What the registry checks names against at registration, without asking the store: so
+        # that registering (app start-up) runs no query at all.
+        yield GaugeMetricFamily("qwen_edit_queue_depth", "")
+        yield GaugeMetricFamily("qwen_edit_jobs", "", labels=["status"])
+        yield HistogramMetricFamily("qwen_edit_queue_wait_seconds", "")
+        yield HistogramMetricFamily("qwen_edit_inference_seconds", "")
+        yield GaugeMetricFamily("qwen_edit_workers", "", labels=["state"])
+        yield GaugeMetricFamily("qwen_edit_gpu_memory_bytes", "", labels=["worker", "kind"])
+
     def collect(self) -> Iterator[Metric]:
-        counts = self.store.count_by_status()
+        counters = self.store.counters()
+        counts = {s.value: counters.get(f"jobs.{s.value}", 0) for s in Status}
         depth = GaugeMetricFamily("qwen_edit_queue_depth", "Jobs waiting for a worker.")
         depth.add_metric([], counts.get(Status.CREATED.value, 0))
         yield depth
@@ -53,12 +65,12 @@ class JobStoreCollector(Collector):
         yield _histogram(
             "qwen_edit_queue_wait_seconds",
             "Time from submission to a worker starting the job.",
-            self.store.queue_wait_histogram(_BOUNDS_MS),
+            stats.histogram(counters, stats.QUEUE_WAIT),
         )
         yield _histogram(
             "qwen_edit_inference_seconds",
             "Pipeline time of completed jobs.",
-            self.store.inference_histogram(_BOUNDS_MS),
+            stats.histogram(counters, stats.INFERENCE),
         )
         workers = GaugeMetricFamily("qwen_edit_workers", "Workers by state (as last reported).", labels=["state"])
         states: dict[str, int] = {}
@@ -70,22 +82,32 @@ class JobStoreCollector(Collector):
         gpu = GaugeMetricFamily(
             "qwen_edit_gpu_memory_bytes", "CUDA memory of each worker's GPU.", labels=["worker", "kind"]
         )
-        for worker_id, stats in sorted(self.store.workers.gpu_memory(now_ms()).items()):
+        for worker_id, memory in sorted(self.store.workers.gpu_memory(now_ms()).items()):
             for kind in ("allocated", "reserved", "total"):
-                if kind in stats:
-                    gpu.add_metric([worker_id, kind], float(stats[kind]))
+                if kind in memory:
+                    gpu.add_metric([worker_id, kind], float(memory[kind]))
         yield gpu
 
 
 def build_registry() -> tuple[CollectorRegistry, Histogram]:
     """A registry of its own per app (no process globals) and the HTTP latency histogram in it.
-    The JobStoreCollector joins it once the store is open (app lifespan)."""
+    The JobStoreCollector joins it once the store is open (app lifespan).
+
+    Under ``serve --api-workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set by the CLI before the API
+    processes start) each process writes its latency samples to files in that folder and a scrape,
+    whichever process answers it, sums every process's: the numbers do not depend on which one a
+    scrape lands on. The job store's metrics are read from the store, the same from any process."""
     registry = CollectorRegistry(auto_describe=True)
+    shared = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    if shared:
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry)
     latency = Histogram(
         "qwen_edit_http_request_duration_seconds",
         "HTTP request latency by route template.",
         ["method", "route", "status"],
         buckets=BUCKETS_S,
-        registry=registry,
+        registry=None if shared else registry,  # shared: read back from the files, not twice
     )
     return registry, latency

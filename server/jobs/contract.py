@@ -181,6 +181,7 @@ class Job:
     batch_key: str | None = None
     started_at: int | None = None
     finished_at: int | None = None
+    nsfw: list[bool] | None = None  # the safety checker's verdict per output; None: not checked
 
     def to_row(self) -> dict[str, Any]:
         values = {name: getattr(self, name) for name in self.__dataclass_fields__}

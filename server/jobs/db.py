@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import select as io_select
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -58,6 +59,26 @@ def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _pg_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+    """Refuse a pooled connection the server has already closed (a restart, an admin, a proxy).
+
+    An idle pooled connection has nothing to read: the server only writes to it in answer to a
+    query. If its socket is readable, the server said goodbye (a termination notice, then EOF).
+    Checking that is one non-blocking poll (about a microsecond), where pool_pre_ping would be a
+    round trip on every request. DisconnectionError makes the pool discard it and connect anew,
+    so the first request after a database restart succeeds instead of failing on a dead socket.
+    """
+    pgconn = getattr(dbapi_conn, "pgconn", None)
+    if pgconn is None:  # another driver than psycopg 3: nothing cheap to look at
+        return
+    try:
+        readable = bool(io_select.select([pgconn.socket], [], [], 0)[0])
+    except Exception:  # a socket already closed on our side
+        readable = True
+    if readable:
+        raise sa_exc.DisconnectionError("the database closed this pooled connection")
+
+
 def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
 
@@ -76,9 +97,15 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_connect)
             event.listen(self.engine, "begin", _sqlite_begin)
         else:
+            # No pool_pre_ping: it costs a round trip on every checkout, i.e. on every request.
+            # _pg_checkout finds connections the server closed without one. A connection cut
+            # between checkout and its first statement still fails that statement: SQLAlchemy then
+            # invalidates the whole pool, that one call is StoreUnavailable (a 503, a worker's
+            # retry). pool_recycle retires connections before idle timeouts of proxies can cut them.
             self.engine = create_engine(
-                url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size, pool_timeout=10
+                url, pool_recycle=300, pool_size=pool_size, max_overflow=pool_size, pool_timeout=10
             )
+            event.listen(self.engine, "checkout", _pg_checkout)
         self.notifier: Notifier
         if self.is_postgres:
             dsn = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -126,6 +153,14 @@ class Database:
             self.notifier.publish(channel, payload)
         except Exception as exc:
             log.warning("notify failed", channel=channel, error=first_line(exc))
+
+    def publish_on_commit(self, conn: Connection, channel: str, payload: str = "") -> bool:
+        """PostgreSQL: NOTIFY inside the caller's transaction (delivered at its commit; no round trip
+        of its own); True when done so, False when the caller should ``publish`` after its commit."""
+        if not isinstance(self.notifier, PostgresNotifier):
+            return False
+        conn.execute(select(func.pg_notify(self.notifier.channel(channel), payload)))
+        return True
 
     def _pg_notify(self, channel: str, payload: str) -> None:
         with self.write() as conn:

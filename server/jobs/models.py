@@ -7,7 +7,20 @@ typed rows that the processes exchange are in contract.py.
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    literal_column,
+    text,
+)
 
 metadata = MetaData()
 
@@ -46,11 +59,62 @@ jobs = Table(
     Column("started_at", BigInteger, nullable=True),
     Column("finished_at", BigInteger, nullable=True),
     Column("updated_at", BigInteger, nullable=False),
-    Index("ix_jobs_queue", "status", "variant", "priority", "created_at"),
+    # The safety checker's verdict per output (has_nsfw_contents); NULL: not checked.
+    Column("nsfw", JSON, nullable=True),
     Index("ix_jobs_lease", "status", "lease_expires_at"),
     Index("ix_jobs_finished", "finished_at"),
-    Index("ix_jobs_batch", "status", "batch_key", "priority", "created_at"),
+    # Partial indexes over the queued (or in-flight) jobs only, in the claim's order: a claim, a
+    # per-key count and the queue walk cost what they touch, not the table (migration 0005). The
+    # queries spell the status as a literal: a partial index is only usable when the database can
+    # see that the query's condition implies the index's.
+    Index(
+        "ix_jobs_claim",
+        text("priority DESC"),
+        "created_at",
+        "id",
+        sqlite_where=text("status = 'created'"),
+        postgresql_where=text("status = 'created'"),
+    ),
+    Index(
+        "ix_jobs_claim_batch",
+        "batch_key",
+        text("priority DESC"),
+        "created_at",
+        "id",
+        sqlite_where=text("status = 'created'"),
+        postgresql_where=text("status = 'created'"),
+    ),
+    Index(
+        "ix_jobs_in_flight",
+        "api_key_id",
+        sqlite_where=text("status IN ('created', 'processing')"),
+        postgresql_where=text("status IN ('created', 'processing')"),
+    ),
+    Index("ix_jobs_key_created", "api_key_id", "created_at", "id"),  # history and usage per key
+    Index("ix_jobs_created", "created_at", "id"),  # history of every key (admins, auth off)
 )
+
+# Job counters (stats.py): totals, and on PostgreSQL the deltas not yet folded into them.
+job_stats = Table(
+    "job_stats",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+job_stat_deltas = Table(
+    "job_stat_deltas",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False),
+    Column("delta", BigInteger, nullable=False),
+    Index("ix_job_stat_deltas_name", "name"),
+)
+
+# The partial indexes' conditions, as literals: a bound parameter would hide from the planner that
+# the query's condition implies the index's, and it would scan the table instead.
+QUEUED = jobs.c.status == literal_column("'created'")
+IN_FLIGHT_ROWS = jobs.c.status.in_([literal_column("'created'"), literal_column("'processing'")])
 
 webhook_deliveries = Table(
     "webhook_deliveries",

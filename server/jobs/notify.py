@@ -5,8 +5,16 @@ is its id: sync-mode waiters and the webhook dispatcher, wake up). A notificatio
 every waiter also polls at a slow interval, so a lost one costs latency, never a job.
 
 - ``LocalNotifier``: processes on one machine (the embedded SQLite default). Each subscriber binds a
-  Unix datagram socket in ``run_dir/<channel>/``; publishing sends one datagram to each.
-- ``PostgresNotifier``: LISTEN/NOTIFY, for any number of machines on one PostgreSQL.
+  Unix datagram socket in ``run_dir/<channel>/``; publishing sends one datagram to each, except on
+  ``jobs`` with a topic (the job's variant): one queued job needs one worker, so it wakes ONE idle
+  subscriber of that topic (woken all, every idle worker raced to claim it: N write transactions
+  per submit, all but one for nothing). A subscriber's socket name says whether it is waiting
+  (``idle.``) and for which topic; with none idle, every busy one gets the datagram, which its next
+  wait returns at once (a worker between an empty claim and its wait is busy: it cannot miss it).
+- ``PostgresNotifier``: LISTEN/NOTIFY, for any number of machines on one PostgreSQL. It wakes every
+  listener; a woken worker that loses the race spends one claim, an index probe on the queued jobs
+  (``ix_jobs_claim``) that finds nothing, and the submit sends its NOTIFY inside its own transaction
+  (no extra round trip).
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
+import re
 import secrets
 import select
 import socket
@@ -28,11 +38,15 @@ import structlog
 log = structlog.get_logger(__name__)
 
 CHANNELS = ("jobs", "done")
+WAKE_ONE = frozenset({"jobs"})  # channels where one waiter per message is enough (given a topic)
+_TOPIC = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class Subscription(Protocol):
-    def wait(self, timeout: float) -> list[str]:
-        """Block up to ``timeout`` seconds; return the payloads received (empty on timeout)."""
+    def wait(self, timeout: float, *, ready: bool = True) -> list[str]:
+        """Block up to ``timeout`` seconds; return the payloads received (empty on timeout).
+        ``ready=False``: this waiter would not take any new job now (a worker waiting for jobs to
+        batch with the one it holds): a wake-one publisher should pick another."""
 
     def wake(self) -> None:
         """Make a ``wait`` in another thread return now (to stop its loop without waiting it out)."""
@@ -43,7 +57,8 @@ class Subscription(Protocol):
 class Notifier(Protocol):
     def publish(self, channel: str, payload: str = "") -> None: ...
 
-    def subscribe(self, channel: str) -> Subscription: ...
+    def subscribe(self, channel: str, topic: str = "") -> Subscription:
+        """Listen on ``channel``; ``topic``: the payloads this subscriber serves ("": any)."""
 
 
 class NullNotifier:
@@ -52,7 +67,7 @@ class NullNotifier:
     def publish(self, channel: str, payload: str = "") -> None:
         return None
 
-    def subscribe(self, channel: str) -> Subscription:
+    def subscribe(self, channel: str, topic: str = "") -> Subscription:
         return _SleepSubscription()
 
 
@@ -60,7 +75,7 @@ class _SleepSubscription:
     def __init__(self) -> None:
         self._closed = threading.Event()
 
-    def wait(self, timeout: float) -> list[str]:
+    def wait(self, timeout: float, *, ready: bool = True) -> list[str]:
         self._closed.wait(timeout)
         return []
 
@@ -95,35 +110,72 @@ class LocalNotifier:
         data = payload.encode()[:1024]
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.setblocking(False)
+            if channel in WAKE_ONE and _TOPIC.match(payload):
+                entries = [path for path in entries if _topic_of(path) in ("*", payload)]
+                idle = [path for path in entries if path.name.startswith("idle.")]
+                random.shuffle(idle)  # spread the work over the idle ones
+                if any(_send(sock, path, data) for path in idle):
+                    return  # stops at the first delivered
+                entries = [path for path in entries if path not in idle]
             for path in entries:
-                try:
-                    sock.sendto(data, str(path))
-                except (ConnectionRefusedError, FileNotFoundError):
-                    # Its owner died without cleaning up.
-                    with contextlib.suppress(OSError):
-                        path.unlink()
-                except (BlockingIOError, OSError):
-                    pass  # a full queue already holds a wake-up for that subscriber
+                _send(sock, path, data)
 
-    def subscribe(self, channel: str) -> Subscription:
-        return _LocalSubscription(self.root / channel)
+    def subscribe(self, channel: str, topic: str = "") -> Subscription:
+        return _LocalSubscription(self.root / channel, topic if _TOPIC.match(topic) else "*")
+
+
+def _topic_of(path: Path) -> str:
+    parts = path.name.split(".")
+    return parts[1] if len(parts) > 3 else "*"
+
+
+def _send(sock: socket.socket, path: Path, data: bytes) -> bool:
+    """One datagram to one subscriber; False when it did not arrive."""
+    try:
+        sock.sendto(data, str(path))
+        return True
+    except ConnectionRefusedError:
+        # Its owner died without cleaning up.
+        with contextlib.suppress(OSError):
+            path.unlink()
+    except FileNotFoundError:
+        pass  # renamed (it went busy or idle) or closed since the listing
+    except (BlockingIOError, OSError):
+        return True  # a full queue already holds a wake-up for that subscriber
+    return False
 
 
 class _LocalSubscription:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, topic: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"{os.getpid()}-{secrets.token_hex(4)}.sock"
+        # busy|idle . topic . pid-random . sock: a rename flips the state; senders resolve the name
+        # to the socket when they send, so a datagram reaches it under either name.
+        self._name = f"{topic}.{os.getpid()}-{secrets.token_hex(4)}.sock"
+        self.path = folder / f"busy.{self._name}"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.path))
         self.sock.setblocking(False)
+        self._lock = threading.Lock()  # wait() and close() may run on different threads
 
-    def wait(self, timeout: float) -> list[str]:
+    def _mark(self, state: str) -> None:
+        with self._lock:
+            target = self.path.with_name(f"{state}.{self._name}")
+            if target != self.path and self.sock.fileno() >= 0:
+                with contextlib.suppress(OSError):
+                    self.path.rename(target)
+                    self.path = target
+
+    def wait(self, timeout: float, *, ready: bool = True) -> list[str]:
+        if ready:
+            self._mark("idle")
         try:
-            ready, _, _ = select.select([self.sock], [], [], timeout)
+            readable, _, _ = select.select([self.sock], [], [], timeout)
         except (OSError, ValueError):  # closed under us
             return []
+        finally:
+            self._mark("busy")
         payloads: list[str] = []
-        while ready:
+        while readable:
             try:
                 payloads.append(self.sock.recv(1024).decode(errors="replace"))
             except (BlockingIOError, OSError):
@@ -135,9 +187,10 @@ class _LocalSubscription:
             sock.sendto(b"", str(self.path))
 
     def close(self) -> None:
-        self.sock.close()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        with self._lock:
+            self.sock.close()
+            with contextlib.suppress(OSError):
+                self.path.unlink()
 
 
 # --- many machines: PostgreSQL LISTEN/NOTIFY ------------------------------------------------------
@@ -149,10 +202,14 @@ class PostgresNotifier:
         self.dsn = dsn
         self._publish = publish
 
-    def publish(self, channel: str, payload: str = "") -> None:
-        self._publish(f"qwen_edit_{channel}", payload)
+    @staticmethod
+    def channel(name: str) -> str:
+        return f"qwen_edit_{name}"
 
-    def subscribe(self, channel: str) -> Subscription:
+    def publish(self, channel: str, payload: str = "") -> None:
+        self._publish(self.channel(channel), payload)
+
+    def subscribe(self, channel: str, topic: str = "") -> Subscription:
         return _PostgresSubscription(self.dsn, f"qwen_edit_{channel}")
 
 
@@ -170,7 +227,7 @@ class _PostgresSubscription:
         conn.execute(f"LISTEN {self.channel}")
         return conn
 
-    def wait(self, timeout: float) -> list[str]:
+    def wait(self, timeout: float, *, ready: bool = True) -> list[str]:
         if self._closed.is_set():
             return []
         try:

@@ -8,28 +8,32 @@ Every state change is a single guarded statement, so that the same code is corre
        +----reap/release---+   (a late or duplicate worker's writes match no row: its lease is gone)
 
 ``JobStore.open(settings)`` is the one way in for every process; the webhook outbox
-(``store.outbox``), the worker registry (``store.workers``) and the uploads (``store.uploads``)
-share its database.
+(``store.outbox``), the worker registry (``store.workers``), the uploads (``store.uploads``), the
+history and usage reads (``store.history``) and retention (``store.retention``) share its database;
+the job counters are in ``stats.py``.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import Connection, case, delete, func, insert, select, text, update
+from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 
 from server.errors import INTERNAL_ERROR, TASK_FAILED
+from server.jobs import stats
 from server.jobs.contract import IN_FLIGHT, TERMINAL, Job, Status
 from server.jobs.db import Database
-from server.jobs.models import jobs, webhook_deliveries
+from server.jobs.history import History, Scope
+from server.jobs.models import IN_FLIGHT_ROWS, QUEUED, jobs
 from server.jobs.notify import Notifier
 from server.jobs.outbox import WebhookOutbox
 from server.jobs.registry import WorkerRegistry
+from server.jobs.retention import Retention
 from server.jobs.uploads import Uploads
 
 if TYPE_CHECKING:
@@ -42,6 +46,12 @@ _ADMISSION_LOCK = 727002  # PostgreSQL advisory lock id: count-then-insert admis
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+# The hot paths' statements, built once: a statement built per call costs its construction and its
+# cache key on every request (a built one keeps its key; its compiled form is in the engine's cache).
+_GET_JOB = select(jobs).where(jobs.c.id == bindparam("job_id"))
+_INSERT_JOB = insert(jobs)
 
 
 def new_id() -> str:
@@ -60,12 +70,36 @@ class KeyAtLimit(AdmissionRefused):
     pass
 
 
+class OverBudget(AdmissionRefused):
+    pass
+
+
+@dataclass(frozen=True)
+class Prices:
+    """What one prediction of each model costs (``"*"``: any model not named; default 0)."""
+
+    by_model: Mapping[str, float]
+
+    def price(self, model: str) -> float:
+        return float(self.by_model.get(model, self.by_model.get("*", 0.0)))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a key may spend, at these prices."""
+
+    cap: float
+    prices: Prices
+
+
 @dataclass(frozen=True)
 class Admission:
-    """Caps checked atomically with the insert (0: no cap)."""
+    """Caps checked atomically with the insert (0 or None: no cap). A budget counts the key's
+    completed predictions and those still queued or running (they hold their price)."""
 
     queue_cap: int = 0
     per_key: int = 0
+    budget: Budget | None = None
 
 
 @dataclass(frozen=True)
@@ -75,10 +109,10 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
-class Histogram:
-    count: int
-    sum_ms: int
-    cumulative: tuple[int, ...]  # one count per bucket bound, in order
+class Begun:
+    attempts: int
+    started_at: int
+    cancel_requested: bool  # cancelled while it waited, claimed ahead: fail it, do not run it
 
 
 class JobStore:
@@ -87,6 +121,8 @@ class JobStore:
         self.outbox = WebhookOutbox(db)
         self.workers = WorkerRegistry(db)
         self.uploads = Uploads(db)
+        self.history = History(db)
+        self.retention = Retention(db)
 
     @classmethod
     def open(cls, settings: Settings, *, pool_size: int = 10) -> JobStore:
@@ -116,25 +152,34 @@ class JobStore:
         """Store a new job; with ``admission``, only if the caps still hold (checked and inserted
         in one transaction, so that concurrent submits can never overshoot them)."""
         with self.db.write() as conn:
-            if admission and (admission.queue_cap or admission.per_key):
+            if admission and (admission.queue_cap or admission.per_key or admission.budget):
                 self._admit(conn, job, admission)
-            conn.execute(insert(jobs).values(**job.to_row()))
-        self.db.publish("jobs")
+            conn.execute(_INSERT_JOB, job.to_row())
+            # The job's variant: the local notifier wakes one idle worker that runs it.
+            notified = self.db.publish_on_commit(conn, "jobs", job.variant)
+        if not notified:
+            self.db.publish("jobs", job.variant)
 
     def _admit(self, conn: Connection, job: Job, admission: Admission) -> None:
         if self.db.is_postgres:  # SQLite's BEGIN IMMEDIATE already serialises writers
             conn.execute(text(f"SELECT pg_advisory_xact_lock({_ADMISSION_LOCK})"))
-        if admission.queue_cap:
-            queued = conn.execute(select(func.count()).select_from(jobs).where(jobs.c.status == Status.CREATED))
-            if int(queued.scalar_one()) >= admission.queue_cap:
-                raise QueueFull(f"the queue holds {admission.queue_cap} jobs")
+        if admission.queue_cap and stats.one(conn, "jobs.created") >= admission.queue_cap:
+            raise QueueFull(f"the queue holds {admission.queue_cap} jobs")
         if admission.per_key and self._in_flight(conn, job.api_key_id) >= admission.per_key:
             raise KeyAtLimit(f"{admission.per_key} jobs in flight")
+        if admission.budget is not None:
+            budget = admission.budget
+            held = History.counts_in(conn, Scope(job.api_key_id), (Status.COMPLETED, *IN_FLIGHT))
+            spent = sum(budget.prices.price(model) * n for model, n in held.items())
+            cost = budget.prices.price(job.model)
+            if spent + cost > budget.cap + 1e-9:
+                raise OverBudget(f"{spent:g} of {budget.cap:g} spent or held; {job.model} costs {cost:g}")
 
     @staticmethod
     def _in_flight(conn: Connection, key_id: str | None) -> int:
+        # ix_jobs_in_flight: counts this key's queued and running jobs, never its finished ones.
         who = jobs.c.api_key_id.is_(None) if key_id is None else jobs.c.api_key_id == key_id
-        stmt = select(func.count()).select_from(jobs).where(who, jobs.c.status.in_(list(IN_FLIGHT)))
+        stmt = select(func.count()).select_from(jobs).where(who, IN_FLIGHT_ROWS)
         return int(conn.execute(stmt).scalar_one())
 
     def in_flight(self, key_id: str | None) -> int:
@@ -144,7 +189,7 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         with self.db.read() as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+            row = conn.execute(_GET_JOB, {"job_id": job_id}).first()
         return Job.from_row(row) if row else None
 
     def terminal_among(self, ids: Sequence[str]) -> list[str]:
@@ -155,55 +200,88 @@ class JobStore:
             return [r[0] for r in rows]
 
     def count_by_status(self) -> dict[str, int]:
+        """Jobs per status, from the counters (stats.py): a few rows read, however many jobs."""
         with self.db.read() as conn:
-            rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).all()
-        counts = {s.value: 0 for s in Status}
-        counts.update({status: n for status, n in rows})
-        return counts
+            counters = stats.read(conn, "jobs.")
+        return {s.value: counters.get(f"jobs.{s.value}", 0) for s in Status}
+
+    def counters(self) -> dict[str, int]:
+        """Every job counter (statuses and histograms; stats.py)."""
+        with self.db.read() as conn:
+            return stats.read(conn)
+
+    def fold_counters(self) -> int:
+        """Compact the counters' pending deltas (PostgreSQL; run by the API's reaper)."""
+        with self.db.write() as conn:
+            return stats.fold(conn)
 
     def queued_count(self) -> int:
         with self.db.read() as conn:
-            stmt = select(func.count()).select_from(jobs).where(jobs.c.status == Status.CREATED)
-            return int(conn.execute(stmt).scalar_one())
+            return stats.one(conn, "jobs.created")
 
     def cancel(self, job_id: str) -> Job | None:
         """Fail a queued job at once; ask a running one to stop at its next step."""
-        now = now_ms()
-        with self.db.write() as conn:
-            ended = self._finish(
-                conn,
-                (jobs.c.id == job_id) & (jobs.c.status == Status.CREATED),
-                job_id,
-                Status.FAILED,
-                error="Cancelled by the client before it started.",
-                error_code=TASK_FAILED,
-                now=now,
-            )
-            if not ended:
+        if not self.cancel_queued(job_id, "Cancelled by the client before it started."):
+            with self.db.write() as conn:
                 conn.execute(
                     update(jobs)
                     .where(jobs.c.id == job_id, jobs.c.status == Status.PROCESSING)
-                    .values(cancel_requested=True, updated_at=now)
+                    .values(cancel_requested=True, updated_at=now_ms())
                 )
+        return self.get(job_id)
+
+    def cancel_queued(self, job_id: str, reason: str) -> bool:
+        """Fail the job if it is still queued (no worker has it); True when it did."""
+        where = (jobs.c.id == job_id) & (jobs.c.status == Status.CREATED)
+        with self.db.write() as conn:
+            ended = self._finish(conn, where, job_id, Status.FAILED, error=reason, error_code=TASK_FAILED, now=now_ms())
         if ended:
             self.db.publish("done", job_id)
-        return self.get(job_id)
+        return ended
 
     # --- jobs: the worker's side ---------------------------------------------------------
 
-    def claim(self, worker_id: str, variants: Sequence[str], lease_s: float) -> Job | None:
-        """Lease the next queued job of ``variants`` (priority, then age)."""
-        queued = jobs.c.status == Status.CREATED, jobs.c.variant.in_(list(variants))
-        claimed = self._claim(worker_id, lease_s, 1, *queued)
+    def claim(
+        self, worker_id: str, variants: Sequence[str], lease_s: float, *, spend_attempt: bool = True
+    ) -> Job | None:
+        """Lease the next queued job of ``variants`` (priority, then age). ``spend_attempt=False``:
+        a job claimed ahead (prefetched) that spends its attempt only at ``begin``, so that one
+        returned unstarted, or left behind by a crash, was never charged a try."""
+        queued = QUEUED, jobs.c.variant.in_(list(variants))
+        claimed = self._claim(worker_id, lease_s, 1, *queued, spend_attempt=spend_attempt)
         return claimed[0] if claimed else None
 
-    def claim_compatible(self, worker_id: str, batch_key: str, limit: int, lease_s: float) -> list[Job]:
+    def begin(self, job_id: str, token: str) -> Begun | None:
+        """A job claimed ahead really starts now: spend its attempt, start its clock; None when the
+        lease is gone."""
+        now = now_ms()
+        with self.db.write() as conn:
+            row = conn.execute(
+                update(jobs)
+                .where(self._leased(job_id, token))
+                .values(attempts=jobs.c.attempts + 1, started_at=now, updated_at=now)
+                .returning(jobs.c.attempts, jobs.c.started_at, jobs.c.cancel_requested, jobs.c.created_at)
+            ).first()
+            if row is not None:
+                stats.add(conn, stats.observations(stats.QUEUE_WAIT, [now - int(row[3])]))
+        return Begun(int(row[0]), int(row[1]), bool(row[2])) if row else None
+
+    def claim_compatible(
+        self, worker_id: str, batch_key: str, limit: int, lease_s: float, *, spend_attempt: bool = True
+    ) -> list[Job]:
         """Lease up to ``limit`` more queued jobs that may share a pipeline call (same batch key)."""
         if limit < 1:
             return []
-        return self._claim(worker_id, lease_s, limit, jobs.c.status == Status.CREATED, jobs.c.batch_key == batch_key)
+        queued = QUEUED, jobs.c.batch_key == batch_key
+        return self._claim(worker_id, lease_s, limit, *queued, spend_attempt=spend_attempt)
 
-    def _claim(self, worker_id: str, lease_s: float, limit: int, *where: Any) -> list[Job]:
+    def _claim(self, worker_id: str, lease_s: float, limit: int, *where: Any, spend_attempt: bool = True) -> list[Job]:
+        if self.db.is_sqlite and not self._queued_any(*where):
+            # SQLite has one writer at a time: a claim that finds nothing (a woken worker another
+            # took the job from, a poll of an empty queue) must not queue for the write lock the
+            # submits need. A WAL read takes no lock. A job queued just after this look is not
+            # missed: its commit wakes a waiting worker, and workers poll anyway.
+            return []
         now = now_ms()
         # A CTE, not "id IN (subquery)": PostgreSQL may evaluate a LIMITed sub-select with
         # SKIP LOCKED more than once inside the UPDATE, and then claims fewer rows than it may.
@@ -220,7 +298,7 @@ class JobStore:
             .where(jobs.c.id == picked.c.id, jobs.c.status == Status.CREATED)
             .values(
                 status=Status.PROCESSING,
-                attempts=jobs.c.attempts + 1,
+                attempts=jobs.c.attempts + 1 if spend_attempt else jobs.c.attempts,
                 lease_token=secrets.token_hex(16),
                 lease_owner=worker_id,
                 lease_expires_at=now + int(lease_s * 1000),
@@ -232,8 +310,15 @@ class JobStore:
         )
         with self.db.write() as conn:
             claimed = [Job.from_row(row) for row in conn.execute(stmt).all()]
+            if spend_attempt:  # it starts now (one claimed ahead starts at begin())
+                stats.add(conn, stats.observations(stats.QUEUE_WAIT, [now - job.created_at for job in claimed]))
         claimed.sort(key=lambda job: (-job.priority, job.created_at, job.id))
         return claimed
+
+    def _queued_any(self, *where: Any) -> bool:
+        """Whether a claim on ``where`` would find a job: a read, taking no lock."""
+        with self.db.read() as conn:
+            return conn.execute(select(jobs.c.id).where(*where).limit(1)).first() is not None
 
     def heartbeat(
         self, job_id: str, token: str, lease_s: float, step: int | None = None, total: int | None = None
@@ -251,13 +336,19 @@ class JobStore:
         return Heartbeat(alive=row is not None, cancel_requested=bool(row and row[0]))
 
     def complete(
-        self, job_id: str, token: str, outputs: list[str], inference_ms: int, steps: int | None = None
+        self,
+        job_id: str,
+        token: str,
+        outputs: list[str],
+        inference_ms: int,
+        steps: int | None = None,
+        nsfw: list[bool] | None = None,
     ) -> bool:
-        """End a leased job as completed (all ``steps`` done); False when the lease is gone (the
-        result is not taken)."""
-        progress: dict[str, Any] = {"progress_step": jobs.c.progress_total}
+        """End a leased job as completed (all ``steps`` done; ``nsfw``: the safety verdict per
+        output); False when the lease is gone (the result is not taken)."""
+        progress: dict[str, Any] = {"progress_step": jobs.c.progress_total, "nsfw": nsfw}
         if steps is not None:
-            progress = {"progress_step": steps, "progress_total": steps}
+            progress = {"progress_step": steps, "progress_total": steps, "nsfw": nsfw}
         with self.db.write() as conn:
             done = self._finish(
                 conn,
@@ -289,13 +380,13 @@ class JobStore:
             self.db.publish("done", job_id)
         return done
 
-    def release(self, job_id: str, token: str) -> bool:
-        """Hand a job back to the queue (a worker told to stop), without spending an attempt."""
+    def release(self, job_id: str, token: str, *, refund: bool = True) -> bool:
+        """Hand a job back to the queue (a worker told to stop), without spending an attempt
+        (``refund=False``: a job claimed ahead that never began had spent none)."""
+        attempts = jobs.c.attempts - 1 if refund else jobs.c.attempts
         with self.db.write() as conn:
             n = conn.execute(
-                update(jobs)
-                .where(self._leased(job_id, token))
-                .values(attempts=jobs.c.attempts - 1, **self._requeued(now_ms()))
+                update(jobs).where(self._leased(job_id, token)).values(attempts=attempts, **self._requeued(now_ms()))
             ).rowcount
         if n:
             self.db.publish("jobs")
@@ -368,51 +459,8 @@ class JobStore:
         ).first()
         if row is None:
             return False
+        if status == Status.COMPLETED:
+            stats.add(conn, stats.observations(stats.INFERENCE, [int(values.get("inference_ms") or 0)]))
         if row[0]:
             self.outbox.enqueue(conn, job_id, row[0], now)
         return True
-
-    # --- retention -----------------------------------------------------------------------
-
-    def purge_finished(self, older_than_ms: int, limit: int) -> list[Job]:
-        """Delete up to ``limit`` finished jobs that ended before ``older_than_ms`` (and their
-        outbox rows); return them, so that their files can be removed by key."""
-        with self.db.write() as conn:
-            rows = conn.execute(
-                select(jobs).where(jobs.c.status.in_(list(TERMINAL)), jobs.c.finished_at < older_than_ms).limit(limit)
-            ).all()
-            gone = [Job.from_row(row) for row in rows]
-            ids = [job.id for job in gone]
-            if ids:
-                conn.execute(delete(webhook_deliveries).where(webhook_deliveries.c.job_id.in_(ids)))
-                conn.execute(delete(jobs).where(jobs.c.id.in_(ids), jobs.c.status.in_(list(TERMINAL))))
-        return gone
-
-    def unfinished_input_keys(self) -> set[str]:
-        """Storage keys that queued and running jobs still need."""
-        with self.db.read() as conn:
-            rows = conn.execute(select(jobs).where(jobs.c.status.in_(list(IN_FLIGHT)))).all()
-        keys: set[str] = set()
-        for row in rows:
-            keys |= Job.from_row(row).params.stored_keys()
-        return keys
-
-    # --- aggregates (metrics) ------------------------------------------------------------
-
-    def queue_wait_histogram(self, bounds_ms: Sequence[int]) -> Histogram:
-        """Submission to start, over the jobs a worker started."""
-        return self._histogram(jobs.c.started_at - jobs.c.created_at, jobs.c.started_at.is_not(None), bounds_ms)
-
-    def inference_histogram(self, bounds_ms: Sequence[int]) -> Histogram:
-        """Pipeline time of completed jobs."""
-        return self._histogram(jobs.c.inference_ms, jobs.c.status == Status.COMPLETED, bounds_ms)
-
-    def _histogram(self, expr: Any, where: Any, bounds_ms: Sequence[int]) -> Histogram:
-        # One row: count, sum, then one cumulative count per bucket, aggregated by the database.
-        cols: list[Any] = [func.count(), func.coalesce(func.sum(expr), 0)]
-        cols += [func.coalesce(func.sum(case((expr <= bound, 1), else_=0)), 0) for bound in bounds_ms]
-        with self.db.read() as conn:
-            count, total, *cumulative = (
-                int(v or 0) for v in conn.execute(select(*cols).select_from(jobs).where(where)).one()
-            )
-        return Histogram(count, total, tuple(cumulative))

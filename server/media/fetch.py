@@ -16,9 +16,9 @@ from typing import BinaryIO
 import httpx
 from PIL import Image
 
-from server.errors import InvalidInput, MediaError
+from server.errors import MediaError
 from server.jobs.contract import ImageRef
-from server.media.images import ImageLimits, decode_image, probe_image
+from server.media.images import ImageLimits, decode_image
 from server.media.netguard import BlockedDestination, NetGuard, guarded_client
 from server.storage.base import Storage
 
@@ -101,8 +101,6 @@ def load_reference(
     else:
         assert ref.url is not None
         data = fetch_url(ref.url, timeout_s=fetch_timeout_s, max_bytes=limits.max_bytes, guard=guard)
-    try:
-        probe_image(data, limits)
-    except ValueError as exc:
-        raise InvalidInput(f"the input image is not usable: {exc}") from exc
-    return decode_image(data, limits)
+    # A stored key was probed when it was stored (submit, upload; an output is ours): not again.
+    # Anything fetched is probed here, once, by decode_image.
+    return decode_image(data, limits, probed=ref.key is not None and ref.key.startswith(("inputs/", "uploads/")))

@@ -10,13 +10,14 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from server.errors import BadRequest
 from server.jobs.contract import ImageRef
 from server.media.images import ImageLimits, probe_image
+from server.media.prepare import PreparedImage
 from server.storage.base import Storage, new_input_key, valid_key
 
 MAX_URL_CHARS = 4096
@@ -72,6 +73,7 @@ def to_reference(
     own_origins: set[str],
     limits: ImageLimits,
     may_read: Callable[[str], bool],
+    prepared: Mapping[str, PreparedImage] | None = None,
 ) -> tuple[ImageRef, tuple[int, int] | None]:
     """Turn one client image string into a job reference, checking what can be checked now; with
     the image's (width, height) where its bytes were at hand.
@@ -79,10 +81,18 @@ def to_reference(
     A file this server handed out (an upload's ``download_url``, an earlier output: the chained
     edit) is read from storage, never fetched back over HTTP; ``may_read(key)`` says whether this
     caller may use it (its own outputs, any upload). Whatever it may not use, or that is not
-    there, gets one answer."""
+    there, gets one answer.
+
+    ``prepared``: a big body's inline images, decoded, probed and stored already by a helper
+    process (server/media/prepare.py), by the tokens that replaced them in the body."""
     if not isinstance(value, str) or not value.strip():
         raise BadRequest(f"{field} must be a non-empty string: an http(s) URL, a data URI or base64")
     value = value.strip()
+    if prepared is not None and value in prepared:
+        done = prepared[value]
+        if done.key is None:
+            raise BadRequest(done.message(field))
+        return ImageRef(key=done.key), (done.width, done.height)
     if value.lower().startswith(("http://", "https://")):
         if len(value) > MAX_URL_CHARS:
             raise BadRequest(f"{field} URL is longer than {MAX_URL_CHARS} characters")

@@ -1,7 +1,7 @@
 """The storage interface, its error, and how keys are made.
 
 Keys are relative POSIX paths (``outputs/<job id>/<index>-<random>.png``, ``uploads/<random>/<name>``,
-``inputs/<job id>/<index>-<random>.png``). Their random parts make them unguessable (one file's
+``inputs/<2 hex>/<job id>-<index>-<random>.png``). Their random parts make them unguessable (one file's
 link never leads to another's), so files are served without an API key, as the hosted API's CDN
 links are.
 """
@@ -73,7 +73,9 @@ def new_output_key(job_id: str, index: int, ext: str) -> str:
 
 def new_input_key(job_id: str, index: int, ext: str) -> str:
     # Random like an output's: the job id is in every output link, an input must not follow from it.
-    return f"inputs/{job_id}/{index}-{secrets.token_urlsafe(12)}.{ext}"
+    # In one of 256 shared folders (the id's first two hex digits), not a folder per job: a submit
+    # makes no directory (on a local disk, an inode and an entry in a big parent each time).
+    return f"inputs/{job_id[:2]}/{job_id}-{index}-{secrets.token_urlsafe(12)}.{ext}"
 
 
 def content_type_of(key: str) -> str:

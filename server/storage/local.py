@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from server.storage.base import StorageError, valid_key
@@ -32,9 +30,7 @@ class LocalStorage:
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Write then rename: a reader never sees half a file, a crash leaves no partial one.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            fd, tmp = self._temp_beside(path)
             try:
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
@@ -45,6 +41,20 @@ class LocalStorage:
                 raise
         except OSError as exc:
             raise StorageError(f"could not write {key}: {exc.strerror or exc}") from exc
+
+    @staticmethod
+    def _temp_beside(path: Path) -> tuple[int, str]:
+        # Write then rename: a reader never sees half a file, a crash leaves no partial one. A
+        # shared folder (inputs/<2 hex>/) emptied and removed by the retention sweep between our
+        # mkdir and the temp file is made again.
+        for attempt in range(3):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def get(self, key: str) -> bytes:
         try:
@@ -68,12 +78,3 @@ class LocalStorage:
             return path if path.is_file() else None
         except (KeyError, OSError):
             return None
-
-    def iter_older_than(self, prefix: str, age_s: float) -> Iterator[str]:
-        cutoff = time.time() - age_s
-        base = self.root / prefix
-        if not base.exists():
-            return
-        for path in base.rglob("*"):
-            if path.is_file() and path.stat().st_mtime < cutoff:
-                yield path.relative_to(self.root).as_posix()

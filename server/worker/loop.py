@@ -24,9 +24,11 @@ from server.jobs.notify import Subscription
 from server.jobs.store import JobStore
 from server.settings import Settings
 from server.storage.base import Storage
-from server.worker.execute import Executor, Runner
+from server.worker.execute import Executor, OutputStep, Runner
 from server.worker.heartbeat import Heartbeat, Presence
+from server.worker.overlap import Overlap
 from server.worker.runs import RunBoard, RunState
+from server.worker.safety import SafetyChecker
 from server.worker.supervisor import DRAIN_SIGNAL, HANDBACK_SIGNAL
 
 log = structlog.get_logger(__name__)
@@ -49,6 +51,10 @@ class Worker:
         self.stopping = threading.Event()  # no new claims; the job in hand may finish
         self.abandon = threading.Event()  # hand the job in hand back now, stop waiting on the store
         self._sub: Subscription | None = None  # the claim loop's wake-ups
+        # Post-processing of each job's output images before they are stored (a safety checker...).
+        self.output_steps: list[OutputStep] = []
+        self._last_reap = 0.0
+        self._parent = os.getppid()
 
     # --- stopping ------------------------------------------------------------------------
 
@@ -105,36 +111,61 @@ class Worker:
         self.presence.set(WorkerState.LOADING)
         self.heartbeat.start()
 
-    def serve(self, runner: Runner) -> None:
-        """Run jobs until told to stop."""
-        executor = Executor(self.settings, self.store, self.storage, runner, self.board, self.abandon)
+    def serve(self, runner: Runner, safety: SafetyChecker | None = None) -> None:
+        """Run jobs until told to stop (``safety``: the checker every output goes through)."""
+        executor = Executor(
+            self.settings, self.store, self.storage, runner, self.board, self.abandon, safety, self.output_steps
+        )
         released = self._retrying(lambda: self.store.release_owned_by(self.id))
         if released:
             log.warning("requeued jobs left running by this worker's previous life", count=released)
         self.presence.set(WorkerState.READY)
-        sub = self._sub = self.store.notifier.subscribe("jobs")
-        last_reap = 0.0
-        parent = os.getppid()
+        sub = self._sub = self.store.notifier.subscribe("jobs", self.variant.name)
         try:
-            while not self.stopping.is_set():
-                if time.monotonic() - last_reap > max(1.0, self.settings.lease_s / 4):
-                    last_reap = time.monotonic()
-                    self._safely(self.store.reap)
-                if os.getppid() != parent and parent != 1:
-                    log.warning("parent process died: stopping")
-                    break
-                job = self._safely(lambda: self.store.claim(self.id, [self.variant.name], self.settings.lease_s))
-                if job is None:
-                    sub.wait(self.settings.poll_interval_s)
-                    continue
-                executor.run([job, *self._compatible(job, sub)])
+            if self.settings.worker_overlap:
+                Overlap(self, executor, sub).run()
+            else:
+                self._serial(executor, sub)
         finally:
             sub.close()
             self.stopping.set()
             self.heartbeat.stop()
             self.presence.set(WorkerState.STOPPED)
 
-    def _compatible(self, job: Job, sub: Subscription) -> list[Job]:
+    def _serial(self, executor: Executor, sub: Subscription) -> None:
+        """One job at a time: claim, load, run, store, settle."""
+        while self.housekeeping():
+            job = self.claim_next(spend_attempt=True)
+            if job is None:
+                sub.wait(self.settings.poll_interval_s)
+                continue
+            executor.run([job, *self.compatible(job, sub)])
+            self.check_runner(executor)
+
+    def check_runner(self, executor: Executor) -> None:
+        """A worker group out of step after a failed run (server/worker/group.py) stops this worker,
+        so that the whole group restarts; a job claimed ahead goes back unspent."""
+        broken = getattr(executor.runner, "broken", None)
+        if broken:
+            log.error("worker group out of step after a failed run: restarting it", error=broken)
+            self.stopping.set()
+
+    def housekeeping(self) -> bool:
+        """Reap expired leases now and then; False once the worker must stop (asked, or orphaned)."""
+        if time.monotonic() - self._last_reap > max(1.0, self.settings.lease_s / 4):
+            self._last_reap = time.monotonic()
+            self._safely(self.store.reap)
+        if os.getppid() != self._parent and self._parent != 1:
+            log.warning("parent process died: stopping")
+            self.stopping.set()
+        return not self.stopping.is_set()
+
+    def claim_next(self, *, spend_attempt: bool) -> Job | None:
+        return self._safely(
+            lambda: self.store.claim(self.id, [self.variant.name], self.settings.lease_s, spend_attempt=spend_attempt)
+        )
+
+    def compatible(self, job: Job, sub: Subscription, *, spend_attempt: bool = True) -> list[Job]:
         """Queued jobs that may share ``job``'s pipeline call, waiting up to ``batch_wait_ms`` for them."""
         size = self.settings.batch_max_size
         if size <= 1 or job.batch_key is None:
@@ -144,13 +175,15 @@ class Worker:
         deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
         while len(more) < size - 1:
             got = self._safely(
-                lambda: self.store.claim_compatible(self.id, key, size - 1 - len(more), self.settings.lease_s)
+                lambda: self.store.claim_compatible(
+                    self.id, key, size - 1 - len(more), self.settings.lease_s, spend_attempt=spend_attempt
+                )
             )
             more.extend(got or [])
             left = deadline - time.monotonic()
             if len(more) >= size - 1 or left <= 0 or self.stopping.is_set():
                 break
-            sub.wait(min(left, 0.05))
+            sub.wait(min(left, 0.05), ready=False)  # a new job of another batch: wake someone else
         return more
 
     def _safely(self, fn: Callable[[], T]) -> T | None:

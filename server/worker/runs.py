@@ -36,6 +36,9 @@ class Run:
     step: int = 0
     inference_ms: int = 0
     started: float = field(default_factory=time.perf_counter)
+    # False for a job claimed ahead (worker overlap) until it really starts: its attempt is not yet spent.
+    begun: bool = True
+    ran: bool = False  # handed to the pipeline
     _state: RunState = RunState.ACTIVE
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -74,7 +77,9 @@ class Run:
 
 
 class RunBoard:
-    """The runs in hand (one job, or one batch), shared by the worker's threads."""
+    """The runs in hand, shared by the worker's threads: one job or batch in the pipeline, and with
+    overlap the next one claimed ahead and the finished ones whose outputs are being stored. A run
+    leaves the board once settled."""
 
     def __init__(self) -> None:
         self._runs: list[Run] = []
@@ -82,15 +87,12 @@ class RunBoard:
 
     def hold(self, runs: list[Run]) -> None:
         with self._lock:
-            self._runs = list(runs)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._runs = []
+            self._runs = [run for run in self._runs if not run.settled] + list(runs)
 
     def unsettled(self) -> list[Run]:
         with self._lock:
-            return [run for run in self._runs if not run.settled]
+            self._runs = [run for run in self._runs if not run.settled]
+            return list(self._runs)
 
     def stop_all(self, reason: RunState) -> None:
         for run in self.unsettled():

@@ -50,15 +50,24 @@ def worker_env(settings: Settings, slot: int, environ: Mapping[str, str]) -> dic
     """The environment of worker ``slot``: its GPU and its variant's weights."""
     env = dict(environ)
     gpus = env.get("CUDA_VISIBLE_DEVICES")
-    if settings.embedded_workers > 1 and gpus is None:
+    slots, world = settings.worker_slots, settings.layout.world_size
+    if world > 1:  # a group: its own `world` GPUs (server/worker/ranks.py)
+        from server.worker.ranks import group_gpus
+
+        mine = group_gpus(slot, world, slots, gpus)
+        if mine is not None:
+            env["CUDA_VISIBLE_DEVICES"] = mine
+    elif slots > 1 and gpus is None:
         env["CUDA_VISIBLE_DEVICES"] = str(slot)  # one GPU per worker
-    elif settings.embedded_workers > 1 and gpus:
+    elif slots > 1 and gpus:
         listed = [g.strip() for g in gpus.split(",") if g.strip()]
         env["CUDA_VISIBLE_DEVICES"] = listed[slot % len(listed)]
     # A configured worker id names the machine's GPU slots; each slot needs its own, or one slot's
     # restart would requeue the jobs its siblings are running.
-    if settings.worker_id and settings.embedded_workers > 1:
+    if settings.worker_id and slots > 1:
         env["QWEN_EDIT_WORKER_ID"] = f"{settings.worker_id}/{slot}"
+    if settings.parallel:
+        env["QWEN_EDIT_PARALLEL"] = settings.parallel  # as resolved at start-up ("auto" decided once)
     # Each slot serves one variant (Settings.variants), with that variant's weights.
     variant = settings.slot_variant(slot)
     env["QWEN_EDIT_VARIANT"] = variant
@@ -91,7 +100,14 @@ class WorkerSupervisor:
         return proc
 
     def start(self) -> None:
-        for slot in range(self.settings.embedded_workers):
+        if self.settings.layout.parallel and self.settings.embedded_workers % self.settings.layout.world_size:
+            log.warning(
+                "workers do not divide into groups: some GPUs stay idle",
+                workers=self.settings.embedded_workers,
+                group_size=self.settings.layout.world_size,
+                groups=self.settings.worker_slots,
+            )
+        for slot in range(self.settings.worker_slots):
             self.procs[slot] = self._spawn(slot)
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
         self._thread.start()

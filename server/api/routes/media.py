@@ -14,15 +14,17 @@ from server.api.deps import Services, base_url, caller, services
 from server.api.schemas import UploadEnvelope, UploadRequest, envelope, error_responses
 from server.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
 from server.jobs.store import now_ms
-from server.media.images import ImageLimits, probe_image
+from server.media.images import ImageLimits
 from server.storage.base import content_type_of, new_upload_key, valid_key
 
 router = APIRouter(tags=["media"])
 
 
-def _check_image(data: bytes, svc: Services) -> str:
+async def _check_image(data: bytes, request: Request, svc: Services) -> str:
     try:
-        return probe_image(data, ImageLimits(svc.settings.max_image_bytes, svc.settings.max_image_pixels)).format
+        # Off the event loop: in a helper process for a big file (server/api/bigbody.py).
+        limits = ImageLimits(svc.settings.max_image_bytes, svc.settings.max_image_pixels)
+        return (await request.app.state.body_helpers.probe(data, limits)).format
     except ValueError as exc:
         raise BadRequest(f"Only images can be uploaded here: {exc}") from exc
 
@@ -88,7 +90,7 @@ async def upload_binary(
     data = await file.read(svc.settings.max_image_bytes + 1)
     if len(data) > svc.settings.max_image_bytes:
         raise PayloadTooLarge(f"The file is larger than {svc.settings.max_image_bytes} bytes.")
-    _check_image(data, svc)
+    await _check_image(data, request, svc)
     key = new_upload_key(file.filename or "upload")
     await _store_upload(svc, key, data, who.key_id)
     return envelope(_upload_data(svc, request, key, len(data)))
@@ -149,7 +151,7 @@ async def put_upload(
     if received != size:
         raise BadRequest(f"Received {received} bytes; this upload announced {size}.")
     data = b"".join(chunks)
-    _check_image(data, svc)
+    await _check_image(data, request, svc)
     await _store_upload(svc, key, data, None)
     return envelope(_upload_data(svc, request, key, len(data)))
 

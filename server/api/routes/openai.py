@@ -4,7 +4,8 @@ in OpenAI's shape, so that the ``openai`` SDKs (and tools built on them) can poi
 Mapping:
 - ``image`` (one file, or several as ``image``/``image[]``) → ``image`` (Edit) or ``images`` (Plus, 2511).
 - ``size`` ``"WxH"`` → ``"W*H"``; ``"auto"`` or absent → follow the input image.
-- ``n`` (1..10) → n jobs with seeds ``seed, seed+1, …`` (``seed`` is an extension field; random when absent).
+- ``n`` (1..10) → n jobs with seeds ``seed, seed+1, …`` (``seed`` is an extension field; random when absent
+  or -1, reduced like v3 seeds; each item of ``data`` says the seed it ran with).
 - ``model``: a served ``wavespeed-ai/qwen-image/...`` id is used as is; any other name (``gpt-image-1``,
   ``dall-e-2``) means this server's default endpoint.
 - ``output_format`` png (OpenAI's default) | jpeg | webp; ``response_format`` url | b64_json.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import random
 import time
 from typing import Any
 
@@ -28,11 +28,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
 from pipelines.registry import endpoint_for, endpoints_of, get_variant
+from server.api import seeds
 from server.api.auth import Caller
 from server.api.deps import Services, caller, services
 from server.api.handlers import OPENAI_PREFIX
+from server.api.hold import hold
 from server.api.schemas import EditRequest
-from server.api.submit import MAX_SEED, Origin, submit
+from server.api.submit import Origin, submit
 from server.errors import ApiError, BadRequest, PayloadTooLarge, blames_client
 from server.jobs.contract import Job, Status
 
@@ -208,9 +210,11 @@ async def images_edits(
     n = _int(form, "n", 1)
     if not 1 <= n <= MAX_N:
         raise BadRequest(f"n must be between 1 and {MAX_N}, got {n}")
-    seed = _int(form, "seed", -1)
-    if seed < 0:
-        seed = random.SystemRandom().randint(0, MAX_SEED - MAX_N)
+    seed = _int(form, "seed", seeds.RANDOM)
+    if seed < seeds.RANDOM:
+        raise BadRequest(f"seed must be -1 (random) or a non-negative integer, got {seed}")
+    if seed == seeds.RANDOM:
+        seed = seeds.draw(headroom=MAX_N)
     model = _model(_text(form, "model"), svc)
     images = await _images(form, svc.settings.max_image_bytes)
 
@@ -219,14 +223,15 @@ async def images_edits(
         await submit(svc, model, _edit_request(form, images, model, seed + i, output_format), origin) for i in range(n)
     ]
     log.info("openai edit submitted", prediction_ids=[j.id for j in jobs], n=n)
-    done = await asyncio.gather(*(_finish(job, svc) for job in jobs))
+    done = await hold(request, svc.store, [j.id for j in jobs], asyncio.gather(*(_finish(job, svc) for job in jobs)))
 
-    data: list[dict[str, str]] = []
+    data: list[dict[str, Any]] = []
     for job in done:
         for key in job.outputs:
             if response_format == "b64_json":
                 raw = await run_in_threadpool(svc.storage.get, key)
-                data.append({"b64_json": base64.b64encode(raw).decode()})
+                item: dict[str, Any] = {"b64_json": base64.b64encode(raw).decode()}
             else:
-                data.append({"url": svc.renderer.file_url(origin.base, key)})
+                item = {"url": svc.renderer.file_url(origin.base, key)}
+            data.append(item | {"seed": job.seed})  # an extension, as on the v3 result
     return {"created": int(time.time()), "data": data, "output_format": output_format}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -19,9 +22,9 @@ from server.jobs.store import now_ms
 router = APIRouter()
 
 
-@router.get("/livez", tags=["ops"], summary="The process is up")
-async def livez() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/livez", tags=["ops"], summary="The process is up (its pid: which of serve --api-workers N answered)")
+async def livez() -> dict[str, Any]:
+    return {"status": "ok", "pid": os.getpid()}
 
 
 def readiness(svc: Services) -> dict[str, Any]:
@@ -35,13 +38,40 @@ def readiness(svc: Services) -> dict[str, Any]:
         if now - w.heartbeat_at < PRESENCE_FRESH_S * 1000 and w.state != WorkerState.STOPPED
     ]
     ready = [w for w in workers if w["state"] == WorkerState.READY]
-    return {"ready": bool(ready), "workers": workers, "queued": svc.store.queued_count()}
+    return {"ready": bool(ready), "workers": workers, "queued": svc.store.queued_count(), "config": config(svc)}
+
+
+def config(svc: Services) -> dict[str, Any]:
+    """What this deployment runs, as its settings say, for benchmark results to record (qwen-edit
+    bench). Weights are named by their last path part only: /readyz needs no key."""
+    s = svc.settings
+    return {
+        "version": __version__(),
+        "variants": s.served_variants,
+        "weights": {v: Path(w).name if (w := s.weights_for(v)) else "auto" for v in s.served_variants},
+        "device": s.device,
+        "dtype": s.dtype,
+        "memory_mode": s.memory_mode,
+        "quantize": s.quantize,
+        "preset": s.preset,
+        "default_steps": s.default_steps,
+        "workers": s.embedded_workers,
+        "batch_max_size": s.batch_max_size,
+        "batch_wait_ms": s.batch_wait_ms,
+    }
+
+
+def __version__() -> str:
+    try:
+        return metadata.version("qwen-edit-server")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @router.get(
     "/readyz",
     tags=["ops"],
-    summary="Ready when the job store answers and a worker has its model loaded",
+    summary="Ready when the job store answers and a worker has its model loaded; `config`: what this server runs",
     responses=error_responses(
         {503: ("Not ready: no worker ready, or the job store away", "No worker is ready yet (none running).")}
     ),

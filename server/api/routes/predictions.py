@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from pipelines.registry import VARIANTS, endpoints_of
 from server.api.auth import Caller
 from server.api.deps import Services, base_url, caller, services
+from server.api.hold import hold
 from server.api.schemas import EditRequest, PredictionEnvelope, envelope, error_responses
 from server.api.submit import Origin, submit
 from server.errors import NotFound
@@ -23,6 +24,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = error_responses(
     {
         400: ("Bad request body", "Invalid request: prompt: is required"),
         401: ("Missing or invalid API key", "Missing API key: send 'Authorization: Bearer <key>'."),
+        402: ("The API key's budget is spent (QWEN_EDIT_BUDGETS)", "This API key's budget is spent (1 of 1 USD)."),
         404: ("Unknown model or prediction", "Prediction 'abc' not found."),
         413: ("Body too large", "Request body larger than 41943040 bytes."),
         429: ("Queue full (see Retry-After)", "The queue is full; retry later."),
@@ -51,7 +53,7 @@ def _make_submit_route(model: str):  # type: ignore[no-untyped-def]
         if not body.enable_sync_mode:
             return envelope(await svc.renderer.render(job, origin.base))
         timeout = svc.settings.sync_timeout_s
-        current = await svc.waiter.outcome(job.id, timeout)
+        current = await hold(request, svc.store, [job.id], svc.waiter.outcome(job.id, timeout))
         data = await svc.renderer.render(current, origin.base)
         return envelope(data if current.status.terminal else svc.renderer.sync_timed_out(data, timeout))
 

@@ -1,11 +1,15 @@
 """Retention: forget finished predictions and their files after ``QWEN_EDIT_RETENTION_S``.
 
-A periodic task in the API process. Each pass:
+A periodic task in the API process. Each pass costs what it deletes (nothing due: two index probes):
 
 1. the store deletes finished jobs (completed or failed) older than the retention, with their
-   webhook outbox rows, in bounded batches; their output files and inline inputs go by key;
-2. ``uploads/``, ``inputs/`` and ``outputs/`` are swept for files older than the retention that no
-   unfinished job still needs (uploads nobody used, files whose job row is already gone).
+   webhook outbox rows, in bounded batches, by index; their output files and inline inputs go by key;
+2. uploads older than the retention go by key too (the uploads table, by index), unless an
+   unfinished job still needs them; their rows stay until their signed URL has expired too, so
+   that it still cannot be used twice.
+
+The storage tree is never walked: a file no job or upload row names (a crash between storing an
+input and inserting its job) is not found by retention.
 
 Queued and running jobs are never touched, whatever their age: an accepted job is never lost.
 """
@@ -23,7 +27,6 @@ from server.storage.base import Storage
 
 log = structlog.get_logger(__name__)
 
-PREFIXES = ("uploads/", "inputs/", "outputs/")
 BATCH = 500
 
 
@@ -33,7 +36,7 @@ class Swept:
     files: int = 0
 
 
-def _delete_file(storage: Storage, key: str) -> bool:
+def delete_file(storage: Storage, key: str) -> bool:
     path = storage.local_path(key)
     existed = path is not None or storage.exists(key)
     storage.delete(key)
@@ -43,35 +46,45 @@ def _delete_file(storage: Storage, key: str) -> bool:
     return existed
 
 
-def sweep(store: JobStore, storage: Storage, retention_s: float) -> Swept:
+def sweep(store: JobStore, storage: Storage, retention_s: float, upload_ttl_s: float = 0) -> Swept:
     """One retention pass (blocking: run it in a thread)."""
-    cutoff = now_ms() - int(retention_s * 1000)
+    now = now_ms()
+    cutoff = now - int(retention_s * 1000)
     done = Swept()
     while True:
-        gone = store.purge_finished(cutoff, BATCH)
+        gone = store.retention.purge_finished(cutoff, BATCH)
         for job in gone:
             for key in {*job.outputs, *job.params.stored_keys()}:
-                done.files += _delete_file(storage, key)
+                done.files += delete_file(storage, key)
         done.jobs += len(gone)
         if len(gone) < BATCH:
             break
-    older = getattr(storage, "iter_older_than", None)
-    if older is not None:
-        needed = store.unfinished_input_keys()
-        for prefix in PREFIXES:
-            for key in list(older(prefix, retention_s)):
-                if key not in needed and _delete_file(storage, key):
-                    done.files += 1
+    done.files += _sweep_uploads(store, storage, cutoff, now - int(upload_ttl_s * 1000))
     return done
 
 
-def retention_task(store: JobStore, storage: Storage, retention_s: float, interval_s: float) -> Periodic | None:
+def _sweep_uploads(store: JobStore, storage: Storage, cutoff: int, expired_before: int) -> int:
+    files = 0
+    needed: set[str] | None = None  # read once, and only when some upload is due
+    after: tuple[int, str] | None = None
+    while page := store.retention.uploads_before(cutoff, BATCH, after):
+        if needed is None:
+            needed = store.retention.unfinished_input_keys()
+        files += sum(delete_file(storage, key) for _, key in page if key not in needed)
+        store.retention.forget_uploads([key for at, key in page if at < expired_before and key not in needed])
+        after = page[-1]
+    return files
+
+
+def retention_task(
+    store: JobStore, storage: Storage, retention_s: float, interval_s: float, upload_ttl_s: float = 0
+) -> Periodic | None:
     """A sweep every ``interval_s``; None when retention is off (``retention_s`` 0)."""
     if retention_s <= 0:
         return None
 
     def sweep_and_log() -> None:
-        swept = sweep(store, storage, retention_s)
+        swept = sweep(store, storage, retention_s, upload_ttl_s)
         if swept.jobs or swept.files:
             log.info("retention sweep", jobs_deleted=swept.jobs, files_deleted=swept.files)
 
