@@ -485,6 +485,8 @@ def run_js(script: str, *args: str, timeout: float = 600) -> dict[str, Any]:
 
     proc = subprocess.run(["node", script, *args], cwd=JS_DIR, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"node {script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    # Node exits 0 when its event loop drains, even with a call still awaited: say so, not IndexError.
+    assert proc.stdout.strip(), f"node {script} exited 0 before printing its result:\n{proc.stderr[-3000:]}"
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
 

@@ -205,6 +205,7 @@ def test_huggingface_inference_with_url_transform(live: Live) -> None:
     require_js()
     out = run_js("hf.js", live.url, API_KEY, str(live.image))
     assert out["type"].startswith("image/") and out["bytes"] > 0
+    assert out["resultPolls"] >= 2  # the job outlived the first poll: the client waited and polled again
     assert out["hubLookups"] == [
         "https://huggingface.co/api/models/Qwen/Qwen-Image-Edit?expand[]=inferenceProviderMapping"
     ]
