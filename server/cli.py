@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import signal
@@ -73,12 +74,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # uvicorn re-raises each SIGTERM/SIGINT it caught once it has shut down; with the default
     # handlers that kills this process before the workers are drained (they then die by
     # PDEATHSIG mid-job). The first one drains (supervisor.stop() below); any further one hands
-    # the workers' jobs back to the queue now.
-    stop_requests = [0]
+    # the workers' jobs back to the queue now. Counted by one C call: a second signal's handler
+    # can run inside the first's, between any two of its bytecodes.
+    stop_requests = itertools.count()
 
     def on_stop_signal(signum: int, _frame: object) -> None:
-        stop_requests[0] += 1
-        if stop_requests[0] > 1:
+        if next(stop_requests) > 0:
             supervisor.hand_back_now()
             return
         # Said at once: what follows may wait (open requests, then the jobs in hand), never in silence.
@@ -170,9 +171,10 @@ def _supervise_workers(settings: Settings, count: int) -> int:
         stop.set()
 
     supervisor = WorkerSupervisor(settings, on_fatal)
+    stop_requests = itertools.count()  # one C call: see serve's handler
 
     def on_stop_signal(signum: int, _frame: object) -> None:
-        if stop.is_set():
+        if next(stop_requests) > 0 or stop.is_set():
             supervisor.hand_back_now()
         stop.set()
 

@@ -102,6 +102,55 @@ def test_hand_back_releases_the_job_without_spending_an_attempt(app_settings: An
     worker.stop()
 
 
+def test_a_second_sigterm_inside_the_first_ones_handler_still_hands_the_job_back(
+    app_settings: Any, api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python runs a signal's handler between bytecodes, so a second SIGTERM's can run inside the
+    first's. Seen in CI: the first had logged "worker stopping" and not yet marked the worker
+    stopping, the second drained again, and the hand-back it asked for was lost."""
+    import signal
+
+    from server.worker import loop
+    from server.worker.supervisor import DRAIN_SIGNAL, HANDBACK_SIGNAL
+
+    runner = FakeRunner()
+    worker = ThreadWorker(app_settings, runner).start()
+    pid = submit(api, "hang", num_inference_steps=10)
+    wait_status(worker.store, pid, {Status.PROCESSING})
+    signals = (signal.SIGTERM, signal.SIGINT, DRAIN_SIGNAL, HANDBACK_SIGNAL)
+    before = {sig: signal.getsignal(sig) for sig in signals}
+    try:
+        worker.worker.install_signal_handlers()
+        on_sigterm = signal.getsignal(signal.SIGTERM)
+        assert callable(on_sigterm)
+
+        class SecondSignalWhileLogging:
+            """The module's logger, with the second SIGTERM arriving as the first one logs."""
+
+            def __init__(self, real: Any) -> None:
+                self.real, self.fired = real, False
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.real, name)
+
+            def info(self, event: str, **kw: Any) -> None:
+                self.real.info(event, **kw)
+                if event == "worker stopping" and not self.fired:
+                    self.fired = True
+                    on_sigterm(signal.SIGTERM, None)
+
+        monkeypatch.setattr(loop, "log", SecondSignalWhileLogging(loop.log))
+        on_sigterm(signal.SIGTERM, None)
+        worker.thread.join(10)
+        assert not worker.thread.is_alive()
+        job = worker.store.get(pid)
+        assert job is not None and job.status == Status.CREATED and job.attempts == 0  # handed back
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        worker.stop()
+
+
 def test_drain_finishes_the_job_in_hand(app_settings: Any, api: Any) -> None:
     runner = FakeRunner(slow_step_s=0.05)
     worker = ThreadWorker(app_settings, runner).start()

@@ -7,6 +7,7 @@ it is handed back to the queue. A second request hands it back at once.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -49,6 +50,10 @@ class Worker:
         self.presence = Presence(store, self.id, variant.name)
         self.heartbeat = Heartbeat(store, self.board, self.presence, settings.lease_s)
         self.stopping = threading.Event()  # no new claims; the job in hand may finish
+        # Stop requests by signal, counted by one C call: a second signal's handler can run inside
+        # the first's (Python runs handlers between bytecodes), so an Event checked and then set
+        # could take both for the first and lose the hand-back the second one asked for.
+        self._stop_requests = itertools.count()
         self.abandon = threading.Event()  # hand the job in hand back now, stop waiting on the store
         self._sub: Subscription | None = None  # the claim loop's wake-ups
         # Post-processing of each job's output images before they are stored (a safety checker...).
@@ -63,7 +68,7 @@ class Worker:
         (however often it comes, and beside a SIGTERM of systemd's); its HANDBACK_SIGNAL hands back."""
 
         def on_stop(signum: int, _frame: Any) -> None:
-            if self.stopping.is_set():  # asked twice: hand the job back now
+            if next(self._stop_requests) > 0 or self.stopping.is_set():  # asked twice: hand back now
                 self.hand_back()
             else:
                 self.drain(signal.Signals(signum).name)
@@ -81,6 +86,7 @@ class Worker:
         """Stop claiming; finish the job in hand for up to the drain time, then hand it back."""
         if self.stopping.is_set():
             return
+        self.stopping.set()  # before anything else: a request arriving meanwhile sees it
         runs = self.board.unsettled()
         log.info(
             "worker stopping",
@@ -89,7 +95,6 @@ class Worker:
             drain_s=self.settings.worker_drain_s if runs else 0,
             hint="a second SIGTERM hands the job back to the queue now" if runs else "",
         )
-        self.stopping.set()
         if self._sub is not None:
             self._sub.wake()  # an idle claim loop ends now, not at its next poll
         timer = threading.Timer(self.settings.worker_drain_s, self.hand_back)
