@@ -207,8 +207,8 @@ def _idle_worker(url: str, run_dir: str, ready: Any, stop: Any, wakes: Any) -> N
     from server.jobs.store import JobStore
 
     store = JobStore.at(url, run_dir=Path(run_dir))
-    sub = store.notifier.subscribe("jobs")
-    sub.wait(0.3)  # PostgreSQL: LISTEN issued before the first wait returns
+    sub = store.notifier.subscribe("jobs", template_job("").variant)  # a worker of the submits' variant
+    sub.wait(0.3, ready=False)  # PostgreSQL: connected and listening before the first submit
     ready.wait()
     try:
         while not stop.is_set():
@@ -221,9 +221,10 @@ def _idle_worker(url: str, run_dir: str, ready: Any, stop: Any, wakes: Any) -> N
         store.close()
 
 
-def notify_throughput(backend: str, admin: str | None, folder: Path, n: int, idle: int) -> float:
+def notify_throughput(backend: str, admin: str | None, folder: Path, n: int, idle: int) -> tuple[float, float]:
     """Submits per second (store.create, no caps) while ``idle`` worker processes wait on the jobs
-    channel. Processes, as real workers are: threads of this one would measure the GIL instead."""
+    channel, and wake-ups per submit (1.0: wake-one). Processes, as real workers are: threads of this
+    one would measure the GIL instead."""
     import multiprocessing
 
     from server.jobs.store import JobStore, new_id
@@ -247,12 +248,16 @@ def notify_throughput(backend: str, admin: str | None, folder: Path, n: int, idl
         for _ in range(n):
             store.create(replace(template, id=new_id()))
         rate = n / (time.perf_counter() - t0)
+        settled = -1
+        while settled != wakes.value:  # the last wake-ups still on their way
+            settled = wakes.value
+            time.sleep(0.5)
         stop.set()
         for proc in procs:
             proc.join(30)
         store.close()
     print(f"  {backend} notify: {idle} idle workers, {rate:.0f} submits/s, {wakes.value} wake-ups", flush=True)
-    return rate
+    return rate, wakes.value / n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,12 +288,15 @@ def main(argv: list[str] | None = None) -> int:
                 rows += sweep_axis(backend, args.postgres, folder, axis, steps, reps)
                 tables.append(table(rows, backend, axis))
             if args.notify:
-                rates = {idle: notify_throughput(backend, args.postgres, folder, args.notify, idle) for idle in (0, 4)}
-                ratio = rates[4] / rates[0]
-                notify.append({"backend": backend, "idle_0": rates[0], "idle_4": rates[4], "ratio": ratio})
+                idle_0, _ = notify_throughput(backend, args.postgres, folder, args.notify, 0)
+                idle_4, wakes = notify_throughput(backend, args.postgres, folder, args.notify, 4)
+                notify.append(
+                    {"backend": backend, "idle_0": idle_0, "idle_4": idle_4, "ratio": idle_4 / idle_0, "wakes": wakes}
+                )
     if notify:
-        body = [[n["backend"], n["idle_0"], n["idle_4"], n["ratio"]] for n in notify]
-        tables.append(print_table("submits/s with idle workers", ["backend", "0 idle", "4 idle", "ratio"], body))
+        body = [[n["backend"], n["idle_0"], n["idle_4"], n["ratio"], n["wakes"]] for n in notify]
+        columns = ["backend", "0 idle", "4 idle", "ratio", "wake-ups per submit"]
+        tables.append(print_table("submits/s with idle workers", columns, body))
     write_json(args.out / "scale" / "scale.json", {"rows": rows, "notify": notify, "reps": reps})
     (args.out / "scale" / "scale.md").write_text("\n\n".join(tables) + "\n")
     return 0

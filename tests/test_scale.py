@@ -26,5 +26,8 @@ def test_scale_quick(tmp_path: Path) -> None:
             assert row[cost] > 0 and math.isfinite(row[cost]), row
     assert [n["backend"] for n in data["notify"]] == backends
     assert all(n["idle_0"] > 0 and n["idle_4"] > 0 for n in data["notify"])
+    # Wake-one: a submit wakes one of the 4 idle workers (4.0 if it woke all; a submit that finds
+    # none idle, all 4 between two waits, reaches every one of them, so not exactly 1.0).
+    assert all(0 < n["wakes"] < 2.0 for n in data["notify"]), data["notify"]
     tables = (tmp_path / "scale" / "scale.md").read_text()
     assert tables.count("| stored jobs |") == len(backends) and "| x 10 |" in tables

@@ -24,7 +24,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
 from server.errors import StoreUnavailable, first_line
-from server.jobs.notify import LocalNotifier, Notifier, NullNotifier, PostgresNotifier
+from server.jobs.notify import PICK_AND_NOTIFY, LocalNotifier, Notifier, NullNotifier, PostgresNotifier
 
 if TYPE_CHECKING:
     from server.settings import Settings
@@ -33,6 +33,7 @@ log = structlog.get_logger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _WRITE = "qwen_edit_write"  # execution option: this connection's transaction writes
+_PICK_AND_NOTIFY = text(PICK_AND_NOTIFY)  # built once: it runs on every PostgreSQL submit
 
 # The driver errors that mean "the database cannot be reached or written right now" (a restart,
 # a full disk, a lock held too long, a refused connection), as opposed to a bug in a statement.
@@ -159,12 +160,16 @@ class Database:
         of its own); True when done so, False when the caller should ``publish`` after its commit."""
         if not isinstance(self.notifier, PostgresNotifier):
             return False
-        conn.execute(select(func.pg_notify(self.notifier.channel(channel), payload)))
+        shared = self.notifier.channel(channel)
+        if self.notifier.wakes_one(channel, payload):
+            conn.execute(_PICK_AND_NOTIFY, {"topic": payload, "shared": shared, "payload": payload})
+        else:
+            conn.execute(select(func.pg_notify(shared, payload)))
         return True
 
     def _pg_notify(self, channel: str, payload: str) -> None:
         with self.write() as conn:
-            conn.execute(select(func.pg_notify(channel, payload)))
+            self.publish_on_commit(conn, channel, payload)
 
     # --- schema --------------------------------------------------------------------------
 

@@ -155,6 +155,17 @@ uploads = Table(
     Index("ix_uploads_created", "created_at"),
 )
 
+# PostgreSQL wake-one: one row per worker waiting for jobs right now, keyed by its own LISTEN channel
+# (server/jobs/notify.py). Unlogged there (migration 0006); unused on SQLite.
+idle_waiters = Table(
+    "idle_waiters",
+    metadata,
+    Column("channel", String(63), primary_key=True),
+    Column("topic", String(64), nullable=False),
+    Column("pid", Integer, nullable=False),  # the listening backend's, to forget dead ones
+    Column("since", BigInteger, nullable=False),
+)
+
 # Small server-wide values every replica must agree on (webhook secret, upload signing key).
 meta = Table(
     "meta",

@@ -11,10 +11,14 @@ every waiter also polls at a slow interval, so a lost one costs latency, never a
   per submit, all but one for nothing). A subscriber's socket name says whether it is waiting
   (``idle.``) and for which topic; with none idle, every busy one gets the datagram, which its next
   wait returns at once (a worker between an empty claim and its wait is busy: it cannot miss it).
-- ``PostgresNotifier``: LISTEN/NOTIFY, for any number of machines on one PostgreSQL. It wakes every
-  listener; a woken worker that loses the race spends one claim, an index probe on the queued jobs
-  (``ix_jobs_claim``) that finds nothing, and the submit sends its NOTIFY inside its own transaction
-  (no extra round trip).
+- ``PostgresNotifier``: LISTEN/NOTIFY, for any number of machines on one PostgreSQL. A NOTIFY reaches
+  every listener of its channel, so wake-one needs a channel per waiter: a worker waiting for jobs
+  LISTENs on its own channel too and, while it waits, has a row in ``idle_waiters`` (an unlogged
+  table). A submit takes one such row of its variant (``FOR UPDATE SKIP LOCKED``: two submits never
+  pick the same worker) and notifies that worker's channel, in the submit's own transaction (no extra
+  round trip); with none idle it notifies the shared channel, which every worker reads at its next
+  wait. A row left by a worker that died costs one lost hint (its job waits for a poll) and is
+  removed by the pick itself, or by the next worker to connect.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import select
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -195,10 +200,26 @@ class _LocalSubscription:
 
 # --- many machines: PostgreSQL LISTEN/NOTIFY ------------------------------------------------------
 
+# The submitter's side of wake-one, run inside the submit's transaction: take the longest-idle waiter
+# of this topic (or of any), and notify its channel, else the shared one.
+PICK_AND_NOTIFY = (
+    "WITH picked AS (DELETE FROM idle_waiters WHERE channel = ("
+    "SELECT channel FROM idle_waiters WHERE topic IN (:topic, '*') ORDER BY since LIMIT 1 FOR UPDATE SKIP LOCKED"
+    ") RETURNING channel) "
+    "SELECT pg_notify(COALESCE((SELECT channel FROM picked), :shared), :payload)"
+)
+_IDLE = (
+    "INSERT INTO idle_waiters (channel, topic, pid, since) VALUES (%s, %s, pg_backend_pid(), %s) "
+    "ON CONFLICT (channel) DO UPDATE SET topic = excluded.topic, pid = excluded.pid, since = excluded.since"
+)
+_BUSY = "DELETE FROM idle_waiters WHERE channel = %s"
+# Rows of listeners whose connection is gone (their worker died): a new listener clears them.
+_FORGET_DEAD = "DELETE FROM idle_waiters WHERE pid NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)"
+
 
 class PostgresNotifier:
     def __init__(self, dsn: str, publish: Callable[[str, str], None]) -> None:
-        # ``dsn`` is a libpq URL (postgresql://…); ``publish`` runs pg_notify on the store's pool.
+        # ``dsn`` is a libpq URL (postgresql://…); ``publish`` runs the NOTIFY on the store's pool.
         self.dsn = dsn
         self._publish = publish
 
@@ -206,17 +227,26 @@ class PostgresNotifier:
     def channel(name: str) -> str:
         return f"qwen_edit_{name}"
 
+    @staticmethod
+    def wakes_one(channel: str, payload: str) -> bool:
+        """Whether a message picks one idle waiter (``PICK_AND_NOTIFY``) rather than reaching all."""
+        return channel in WAKE_ONE and bool(_TOPIC.match(payload))
+
     def publish(self, channel: str, payload: str = "") -> None:
-        self._publish(self.channel(channel), payload)
+        self._publish(channel, payload)
 
     def subscribe(self, channel: str, topic: str = "") -> Subscription:
-        return _PostgresSubscription(self.dsn, f"qwen_edit_{channel}")
+        own_topic = (topic if _TOPIC.match(topic) else "*") if channel in WAKE_ONE else None
+        return _PostgresSubscription(self.dsn, self.channel(channel), own_topic)
 
 
 class _PostgresSubscription:
-    def __init__(self, dsn: str, channel: str) -> None:
+    def __init__(self, dsn: str, channel: str, topic: str | None) -> None:
         self.dsn = dsn
         self.channel = channel
+        self.topic = topic  # None: no wake-one, the shared channel only
+        # Unquoted identifiers fold to lower case, so the name is lower case from the start.
+        self.own = f"{channel}_{secrets.token_hex(6)}" if topic is not None else None
         self.conn: Any = None
         self._closed = threading.Event()
 
@@ -225,6 +255,13 @@ class _PostgresSubscription:
 
         conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
         conn.execute(f"LISTEN {self.channel}")
+        if self.own is not None:
+            conn.execute(f"LISTEN {self.own}")
+            try:
+                conn.execute(_FORGET_DEAD)
+            except psycopg.errors.UndefinedTable:  # a store not migrated yet: everyone hears everything
+                log.warning("no idle_waiters table: every idle worker is woken", channel=self.channel)
+                self.own = None
         return conn
 
     def wait(self, timeout: float, *, ready: bool = True) -> list[str]:
@@ -233,7 +270,19 @@ class _PostgresSubscription:
         try:
             if self.conn is None:
                 self.conn = self._connect()
-            return [n.payload for n in self.conn.notifies(timeout=timeout, stop_after=64)]
+            idle = ready and self.own is not None
+            if idle:
+                self.conn.execute(_IDLE, (self.own, self.topic, int(time.time() * 1000)))
+            try:
+                # notifies() runs until its timeout unless stopped: stop at the first, then take
+                # whatever else has already arrived.
+                got = list(self.conn.notifies(timeout=timeout, stop_after=1))
+                if got:
+                    got += self.conn.notifies(timeout=0, stop_after=64)
+            finally:
+                if idle:  # busy from here (the submitter may have removed the row already)
+                    self.conn.execute(_BUSY, (self.own,))
+            return [n.payload for n in got]
         except Exception as exc:  # database restarting: poll until it is back
             log.debug("listen connection lost", channel=self.channel, error=str(exc))
             self._drop()
@@ -241,7 +290,14 @@ class _PostgresSubscription:
             return []
 
     def wake(self) -> None:
-        pass  # notifies() returns within its timeout (0.5 s at most where this is used)
+        """A worker's own channel: notify it on a connection of its own (the waiting thread holds
+        ``conn``). The done-listener's channel is shared by every replica: its 0.5 s waits end soon."""
+        if self.own is None or self._closed.is_set():
+            return
+        import psycopg
+
+        with contextlib.suppress(Exception), psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+            conn.execute("SELECT pg_notify(%s, '')", (self.own,))
 
     def _drop(self) -> None:
         if self.conn is not None:
