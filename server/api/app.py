@@ -120,7 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         fanout = DoneFanout(store.notifier)
         fanout.subscribe(svc.waiter.wake)
-        fanout.subscribe(dispatcher.wake)
+        fanout.subscribe(dispatcher.wake, webhooks_only=True)
         collector = JobStoreCollector(store)
         app.state.metrics_registry.register(collector)
         tasks: list[Background] = [svc.waiter, dispatcher, reaper_task(store, max(1.0, settings.lease_s / 4))]

@@ -43,8 +43,22 @@ import structlog
 log = structlog.get_logger(__name__)
 
 CHANNELS = ("jobs", "done")
+# A ``done`` message is the job's id, with this suffix when its end queued a webhook delivery: the
+# webhook dispatchers of every API process wake for those only (an outbox claim is a write).
+WEBHOOK_DUE = " webhook"
 WAKE_ONE = frozenset({"jobs"})  # channels where one waiter per message is enough (given a topic)
 _TOPIC = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def done_message(job_id: str, *, webhook: bool) -> str:
+    return job_id + WEBHOOK_DUE if webhook else job_id
+
+
+def parse_done(payload: str) -> tuple[str, bool]:
+    """A ``done`` message's job id, and whether a webhook delivery was queued."""
+    if payload.endswith(WEBHOOK_DUE):
+        return payload.removesuffix(WEBHOOK_DUE), True
+    return payload, False
 
 
 class Subscription(Protocol):

@@ -30,7 +30,7 @@ from server.jobs.contract import IN_FLIGHT, TERMINAL, Job, Status
 from server.jobs.db import Database
 from server.jobs.history import History, Scope
 from server.jobs.models import IN_FLIGHT_ROWS, QUEUED, jobs
-from server.jobs.notify import Notifier
+from server.jobs.notify import Notifier, done_message
 from server.jobs.outbox import WebhookOutbox
 from server.jobs.registry import WorkerRegistry
 from server.jobs.retention import Retention
@@ -236,8 +236,8 @@ class JobStore:
         with self.db.write() as conn:
             ended = self._finish(conn, where, job_id, Status.FAILED, error=reason, error_code=TASK_FAILED, now=now_ms())
         if ended:
-            self.db.publish("done", job_id)
-        return ended
+            self.db.publish("done", ended)
+        return ended is not None
 
     # --- jobs: the worker's side ---------------------------------------------------------
 
@@ -361,8 +361,8 @@ class JobStore:
                 **progress,
             )
         if done:
-            self.db.publish("done", job_id)
-        return done
+            self.db.publish("done", done)
+        return done is not None
 
     def fail(self, job_id: str, token: str, error: str, code: int, inference_ms: int = 0) -> bool:
         with self.db.write() as conn:
@@ -377,8 +377,8 @@ class JobStore:
                 now=now_ms(),
             )
         if done:
-            self.db.publish("done", job_id)
-        return done
+            self.db.publish("done", done)
+        return done is not None
 
     def release(self, job_id: str, token: str, *, refund: bool = True) -> bool:
         """Hand a job back to the queue (a worker told to stop), without spending an attempt
@@ -405,10 +405,11 @@ class JobStore:
         with self.db.write() as conn:
             expired = conn.execute(select(jobs.c.id, jobs.c.attempts, jobs.c.max_attempts).where(where)).all()
             requeued = 0
+            ended: list[str] = []
             for job_id, attempts, cap in expired:
                 again = (jobs.c.id == job_id) & where & (jobs.c.attempts == attempts)
                 if attempts >= cap:
-                    self._finish(
+                    message = self._finish(
                         conn,
                         again,
                         job_id,
@@ -417,13 +418,15 @@ class JobStore:
                         error_code=INTERNAL_ERROR,
                         now=now,
                     )
+                    if message:
+                        ended.append(message)
                 else:
                     requeued += conn.execute(update(jobs).where(again).values(**self._requeued(now))).rowcount
         if expired:
             log.warning("reaped jobs with expired leases", count=len(expired), requeued=requeued)
             self.db.publish("jobs")
-            for job_id, *_ in expired:
-                self.db.publish("done", job_id)
+            for message in ended:
+                self.db.publish("done", message)
         return len(expired)
 
     @staticmethod
@@ -441,8 +444,11 @@ class JobStore:
     def _leased(job_id: str, token: str) -> Any:
         return (jobs.c.id == job_id) & (jobs.c.lease_token == token) & (jobs.c.status == Status.PROCESSING)
 
-    def _finish(self, conn: Connection, where: Any, job_id: str, status: Status, *, now: int, **values: Any) -> bool:
-        """End a job (guarded by ``where``) and queue its webhook in the same transaction."""
+    def _finish(
+        self, conn: Connection, where: Any, job_id: str, status: Status, *, now: int, **values: Any
+    ) -> str | None:
+        """End a job (guarded by ``where``) and queue its webhook in the same transaction; the
+        ``done`` message to publish once committed, None when ``where`` no longer held."""
         row = conn.execute(
             update(jobs)
             .where(where)
@@ -458,9 +464,9 @@ class JobStore:
             .returning(jobs.c.webhook_url)
         ).first()
         if row is None:
-            return False
+            return None
         if status == Status.COMPLETED:
             stats.add(conn, stats.observations(stats.INFERENCE, [int(values.get("inference_ms") or 0)]))
         if row[0]:
             self.outbox.enqueue(conn, job_id, row[0], now)
-        return True
+        return done_message(job_id, webhook=bool(row[0]))

@@ -1,5 +1,7 @@
 """One listener on the ``done`` channel per API process, feeding every consumer of "a job ended"
-(the sync-mode waiter, the webhook dispatcher): one thread, one LISTEN connection on PostgreSQL."""
+(the sync-mode waiter, the webhook dispatcher): one thread, one LISTEN connection on PostgreSQL.
+A webhook consumer hears only of the jobs whose end queued a delivery: its outbox claim is a write,
+and waking it for every job would put that write beside each sync answer's read."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from collections.abc import Callable
 
 from starlette.concurrency import run_in_threadpool
 
-from server.jobs.notify import Notifier, Subscription
+from server.jobs.notify import Notifier, Subscription, parse_done
 
 Consumer = Callable[[list[str]], None]  # called on the event loop with the ids that ended
 
@@ -17,14 +19,14 @@ Consumer = Callable[[list[str]], None]  # called on the event loop with the ids 
 class DoneFanout:
     def __init__(self, notifier: Notifier) -> None:
         self.notifier = notifier
-        self._consumers: list[Consumer] = []
+        self._consumers: list[tuple[Consumer, bool]] = []  # (consumer, webhooks only)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sub: Subscription | None = None
 
-    def subscribe(self, consumer: Consumer) -> None:
-        self._consumers.append(consumer)
+    def subscribe(self, consumer: Consumer, *, webhooks_only: bool = False) -> None:
+        self._consumers.append((consumer, webhooks_only))
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -42,12 +44,14 @@ class DoneFanout:
         sub = self._sub = self.notifier.subscribe("done")
         try:
             while not self._stop.is_set():
-                ids = sub.wait(0.5)
-                if ids and self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._deliver, ids)
+                ended = [parse_done(payload) for payload in sub.wait(0.5) if payload]  # "": a wake()
+                if ended and self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._deliver, ended)
         finally:
             sub.close()
 
-    def _deliver(self, ids: list[str]) -> None:
-        for consumer in self._consumers:
-            consumer(ids)
+    def _deliver(self, ended: list[tuple[str, bool]]) -> None:
+        for consumer, webhooks_only in self._consumers:
+            ids = [job_id for job_id, webhook in ended if webhook or not webhooks_only]
+            if ids:
+                consumer(ids)

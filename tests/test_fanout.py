@@ -1,0 +1,50 @@
+"""The API process's one ``done`` listener (server/api/tasks/fanout.py): every consumer hears of
+every job that ended, except a webhook consumer, which hears only of jobs whose end queued a
+delivery (its outbox claim is a write; woken for every job it ran one beside each sync answer)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks.scale import template_job
+from server.api.tasks.fanout import DoneFanout
+from server.jobs.store import JobStore, new_id
+
+
+def test_webhook_consumers_hear_only_of_jobs_with_a_webhook(tmp_path: Path) -> None:
+    store = JobStore.at(f"sqlite:///{tmp_path / 'jobs.db'}", run_dir=tmp_path / "run")
+    store.migrate()
+    plain = replace(template_job("k"), id=new_id())
+    hooked = replace(template_job("k"), id=new_id(), webhook_url="http://127.0.0.1:9/hook")
+    failed = replace(template_job("k"), id=new_id(), webhook_url="http://127.0.0.1:9/hook")
+    heard: list[str] = []
+    webhooks: list[str] = []
+
+    async def scenario() -> None:
+        fanout = DoneFanout(store.notifier)
+        fanout.subscribe(heard.extend)
+        fanout.subscribe(webhooks.extend, webhooks_only=True)
+        await fanout.start()
+        try:
+            for job in (plain, hooked, failed):
+                store.create(job)
+            assert store.cancel_queued(failed.id, "gone")  # ends queued: a failure, its webhook due
+            for _ in range(2):  # the other two, run and completed
+                claimed = store.claim("w", [plain.variant], 60)
+                assert claimed is not None and claimed.lease_token is not None
+                assert store.complete(claimed.id, claimed.lease_token, [], 1)
+            for _ in range(200):  # each message is delivered within one wait of the listener
+                if len(heard) == 3:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await fanout.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
+    assert sorted(heard) == sorted([plain.id, hooked.id, failed.id])
+    assert sorted(webhooks) == sorted([hooked.id, failed.id])
