@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, func, insert, select, text, union_all
+from sqlalchemy import Connection, bindparam, func, insert, select, text, union_all
 from sqlalchemy.dialects import sqlite
 
 from server.jobs.models import job_stat_deltas, job_stats
@@ -32,6 +32,31 @@ QUEUE_WAIT = "queue_wait"
 INFERENCE = "inference"
 _FOLD_LOCK = 727003  # PostgreSQL advisory lock id: one fold at a time (two would contend on totals)
 FOLD_BATCH = 100_000
+
+
+# Built once (server/jobs/statements.py says why): run with one parameter set per counter.
+_SQLITE_ADD = sqlite.insert(job_stats).values(name=bindparam("name"), value=bindparam("delta"))
+_SQLITE_ADD = _SQLITE_ADD.on_conflict_do_update(
+    index_elements=["name"], set_={"value": job_stats.c.value + _SQLITE_ADD.excluded.value}
+)
+_PG_ADD = insert(job_stat_deltas)
+_ONE = {
+    "sqlite": select(func.coalesce(func.sum(job_stats.c.value), 0)).where(job_stats.c.name == bindparam("name")),
+    # One statement: one snapshot, even if a fold commits meanwhile.
+    "postgresql": select(
+        func.coalesce(
+            func.sum(
+                union_all(
+                    select(job_stats.c.value.label("v")).where(job_stats.c.name == bindparam("name")),
+                    select(job_stat_deltas.c.delta.label("v")).where(job_stat_deltas.c.name == bindparam("name")),
+                )
+                .subquery()
+                .c.v
+            ),
+            0,
+        )
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -59,16 +84,9 @@ def observations(histogram: str, values_ms: Sequence[int]) -> dict[str, int]:
 
 def add(conn: Connection, deltas: Mapping[str, int]) -> None:
     """Add ``deltas`` to the counters, inside the caller's transaction."""
-    rows = [{"name": name, "value": d} for name, d in deltas.items() if d]
-    if not rows:
-        return
-    if conn.dialect.name == "postgresql":
-        conn.execute(insert(job_stat_deltas), [{"name": r["name"], "delta": r["value"]} for r in rows])
-        return
-    stmt = sqlite.insert(job_stats).values(rows)
-    conn.execute(
-        stmt.on_conflict_do_update(index_elements=["name"], set_={"value": job_stats.c.value + stmt.excluded.value})
-    )
+    rows = [{"name": name, "delta": d} for name, d in deltas.items() if d]
+    if rows:
+        conn.execute(_PG_ADD if conn.dialect.name == "postgresql" else _SQLITE_ADD, rows)
 
 
 def read(conn: Connection, prefix: str = "") -> dict[str, int]:
@@ -85,12 +103,7 @@ def read(conn: Connection, prefix: str = "") -> dict[str, int]:
 
 def one(conn: Connection, name: str) -> int:
     """One counter (the queue cap's queued jobs): an index lookup, plus its unfolded deltas."""
-    parts = select(job_stats.c.value.label("v")).where(job_stats.c.name == name)
-    if conn.dialect.name == "postgresql":  # one statement: one snapshot, even if a fold commits meanwhile
-        unfolded = select(job_stat_deltas.c.delta.label("v")).where(job_stat_deltas.c.name == name)
-        parts = union_all(parts, unfolded).subquery().select()
-    rows = parts.subquery()
-    return int(conn.execute(select(func.coalesce(func.sum(rows.c.v), 0))).scalar_one())
+    return int(conn.execute(_ONE[conn.dialect.name], {"name": name}).scalar_one())
 
 
 def histogram(counters: Mapping[str, int], name: str) -> Histogram:

@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import Connection, bindparam, func, insert, select, text, update
+from sqlalchemy import Connection, func, select, text, update
 
 from server.errors import INTERNAL_ERROR, TASK_FAILED
+from server.jobs import statements as sql
 from server.jobs import stats
 from server.jobs.contract import IN_FLIGHT, TERMINAL, Job, Status
 from server.jobs.db import Database
 from server.jobs.history import History, Scope
-from server.jobs.models import IN_FLIGHT_ROWS, QUEUED, jobs
+from server.jobs.models import IN_FLIGHT_ROWS, jobs
 from server.jobs.notify import Notifier, done_message
 from server.jobs.outbox import WebhookOutbox
 from server.jobs.registry import WorkerRegistry
@@ -46,12 +47,6 @@ _ADMISSION_LOCK = 727002  # PostgreSQL advisory lock id: count-then-insert admis
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-# The hot paths' statements, built once: a statement built per call costs its construction and its
-# cache key on every request (a built one keeps its key; its compiled form is in the engine's cache).
-_GET_JOB = select(jobs).where(jobs.c.id == bindparam("job_id"))
-_INSERT_JOB = insert(jobs)
 
 
 def new_id() -> str:
@@ -154,7 +149,7 @@ class JobStore:
         with self.db.write() as conn:
             if admission and (admission.queue_cap or admission.per_key or admission.budget):
                 self._admit(conn, job, admission)
-            conn.execute(_INSERT_JOB, job.to_row())
+            conn.execute(sql.INSERT_JOB, job.to_row())
             # The job's variant: the local notifier wakes one idle worker that runs it.
             notified = self.db.publish_on_commit(conn, "jobs", job.variant)
         if not notified:
@@ -189,7 +184,7 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         with self.db.read() as conn:
-            row = conn.execute(_GET_JOB, {"job_id": job_id}).first()
+            row = conn.execute(sql.GET_JOB, {"job_id": job_id}).first()
         return Job.from_row(row) if row else None
 
     def terminal_among(self, ids: Sequence[str]) -> list[str]:
@@ -247,8 +242,7 @@ class JobStore:
         """Lease the next queued job of ``variants`` (priority, then age). ``spend_attempt=False``:
         a job claimed ahead (prefetched) that spends its attempt only at ``begin``, so that one
         returned unstarted, or left behind by a crash, was never charged a try."""
-        queued = QUEUED, jobs.c.variant.in_(list(variants))
-        claimed = self._claim(worker_id, lease_s, 1, *queued, spend_attempt=spend_attempt)
+        claimed = self._claim(worker_id, lease_s, 1, {"variants": list(variants)}, spend_attempt=spend_attempt)
         return claimed[0] if claimed else None
 
     def begin(self, job_id: str, token: str) -> Begun | None:
@@ -256,12 +250,7 @@ class JobStore:
         lease is gone."""
         now = now_ms()
         with self.db.write() as conn:
-            row = conn.execute(
-                update(jobs)
-                .where(self._leased(job_id, token))
-                .values(attempts=jobs.c.attempts + 1, started_at=now, updated_at=now)
-                .returning(jobs.c.attempts, jobs.c.started_at, jobs.c.cancel_requested, jobs.c.created_at)
-            ).first()
+            row = conn.execute(sql.BEGIN, {"job_id": job_id, "token": token, "now": now}).first()
             if row is not None:
                 stats.add(conn, stats.observations(stats.QUEUE_WAIT, [now - int(row[3])]))
         return Begun(int(row[0]), int(row[1]), bool(row[2])) if row else None
@@ -272,53 +261,39 @@ class JobStore:
         """Lease up to ``limit`` more queued jobs that may share a pipeline call (same batch key)."""
         if limit < 1:
             return []
-        queued = QUEUED, jobs.c.batch_key == batch_key
-        return self._claim(worker_id, lease_s, limit, *queued, spend_attempt=spend_attempt)
+        return self._claim(worker_id, lease_s, limit, {"b_batch_key": batch_key}, spend_attempt=spend_attempt)
 
-    def _claim(self, worker_id: str, lease_s: float, limit: int, *where: Any, spend_attempt: bool = True) -> list[Job]:
-        if self.db.is_sqlite and not self._queued_any(*where):
+    def _claim(
+        self, worker_id: str, lease_s: float, limit: int, by: dict[str, Any], *, spend_attempt: bool = True
+    ) -> list[Job]:
+        """``by``: ``{"variants": [...]}`` or ``{"b_batch_key": ...}`` (server/jobs/statements.py)."""
+        kind = "variants" if "variants" in by else "batch"
+        if self.db.is_sqlite and not self._queued_any(kind, by):
             # SQLite has one writer at a time: a claim that finds nothing (a woken worker another
             # took the job from, a poll of an empty queue) must not queue for the write lock the
             # submits need. A WAL read takes no lock. A job queued just after this look is not
             # missed: its commit wakes a waiting worker, and workers poll anyway.
             return []
         now = now_ms()
-        # A CTE, not "id IN (subquery)": PostgreSQL may evaluate a LIMITed sub-select with
-        # SKIP LOCKED more than once inside the UPDATE, and then claims fewer rows than it may.
-        picked = (
-            select(jobs.c.id)
-            .where(*where)
-            .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .cte("picked")
-        )
-        stmt = (
-            update(jobs)
-            .where(jobs.c.id == picked.c.id, jobs.c.status == Status.CREATED)
-            .values(
-                status=Status.PROCESSING,
-                attempts=jobs.c.attempts + 1 if spend_attempt else jobs.c.attempts,
-                lease_token=secrets.token_hex(16),
-                lease_owner=worker_id,
-                lease_expires_at=now + int(lease_s * 1000),
-                started_at=now,
-                progress_step=0,
-                updated_at=now,
-            )
-            .returning(*jobs.c)
-        )
+        params = {
+            **by,
+            "limit": limit,
+            "token": secrets.token_hex(16),
+            "owner": worker_id,
+            "expires_at": now + int(lease_s * 1000),
+            "now": now,
+        }
         with self.db.write() as conn:
-            claimed = [Job.from_row(row) for row in conn.execute(stmt).all()]
+            claimed = [Job.from_row(row) for row in conn.execute(sql.CLAIM[kind, spend_attempt], params).all()]
             if spend_attempt:  # it starts now (one claimed ahead starts at begin())
                 stats.add(conn, stats.observations(stats.QUEUE_WAIT, [now - job.created_at for job in claimed]))
         claimed.sort(key=lambda job: (-job.priority, job.created_at, job.id))
         return claimed
 
-    def _queued_any(self, *where: Any) -> bool:
-        """Whether a claim on ``where`` would find a job: a read, taking no lock."""
+    def _queued_any(self, kind: str, by: dict[str, Any]) -> bool:
+        """Whether a claim would find a job: a read, taking no lock."""
         with self.db.read() as conn:
-            return conn.execute(select(jobs.c.id).where(*where).limit(1)).first() is not None
+            return conn.execute(sql.QUEUED_ANY[kind], by).first() is not None
 
     def heartbeat(
         self, job_id: str, token: str, lease_s: float, step: int | None = None, total: int | None = None
@@ -346,20 +321,11 @@ class JobStore:
     ) -> bool:
         """End a leased job as completed (all ``steps`` done; ``nsfw``: the safety verdict per
         output); False when the lease is gone (the result is not taken)."""
-        progress: dict[str, Any] = {"progress_step": jobs.c.progress_total, "nsfw": nsfw}
-        if steps is not None:
-            progress = {"progress_step": steps, "progress_total": steps, "nsfw": nsfw}
+        params = {"job_id": job_id, "token": token, "b_outputs": outputs, "b_inference_ms": inference_ms}
         with self.db.write() as conn:
-            done = self._finish(
-                conn,
-                self._leased(job_id, token),
-                job_id,
-                Status.COMPLETED,
-                outputs=outputs,
-                inference_ms=inference_ms,
-                now=now_ms(),
-                **progress,
-            )
+            now = now_ms()
+            row = conn.execute(sql.COMPLETE, {**params, "steps": steps, "b_nsfw": nsfw, "now": now}).first()
+            done = None if row is None else self._ended(conn, job_id, Status.COMPLETED, row[0], now, inference_ms)
         if done:
             self.db.publish("done", done)
         return done is not None
@@ -465,8 +431,15 @@ class JobStore:
         ).first()
         if row is None:
             return None
+        return self._ended(conn, job_id, status, row[0], now, int(values.get("inference_ms") or 0))
+
+    def _ended(
+        self, conn: Connection, job_id: str, status: Status, webhook: str | None, now: int, inference_ms: int
+    ) -> str:
+        """What ends a job besides its row, in the same transaction: its counters, its webhook
+        delivery; the ``done`` message to publish once committed."""
         if status == Status.COMPLETED:
-            stats.add(conn, stats.observations(stats.INFERENCE, [int(values.get("inference_ms") or 0)]))
-        if row[0]:
-            self.outbox.enqueue(conn, job_id, row[0], now)
-        return done_message(job_id, webhook=bool(row[0]))
+            stats.add(conn, stats.observations(stats.INFERENCE, [inference_ms]))
+        if webhook:
+            self.outbox.enqueue(conn, job_id, webhook, now)
+        return done_message(job_id, webhook=bool(webhook))

@@ -254,7 +254,7 @@ class Executor:
 
     def _store_result(self, run: Run, result: EditResult) -> None:
         job = run.job
-        run.inference_ms = int(result.seconds * 1000)
+        run.inference_ms = round(result.seconds * 1000)  # nearest ms: truncating biased "around the pipeline" up
         with bound(job.id):
             images, nsfw = list(result.images), None
             if self.safety is not None:  # a refusal raises here: the job fails, nothing is stored

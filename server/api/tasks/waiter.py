@@ -2,11 +2,15 @@
 
 The ``done`` fan-out wakes the waiters named in each notification; one slow poll covers
 notifications that never came (another machine, a restart), checking all waiting ids in one query.
+A wait starts without a query of its own: the jobs waited for were created by this process a moment
+before, and one that ended since was heard of (the ids heard lately are remembered) or is found by
+the next slow poll. On a sync request that saves a trip to a thread and the database.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 
 import structlog
 from starlette.concurrency import run_in_threadpool
@@ -18,6 +22,8 @@ from server.jobs.store import JobStore
 
 log = structlog.get_logger(__name__)
 
+REMEMBERED = 10_000  # ids of jobs heard to have ended, kept for a wait that starts after the news
+
 
 class CompletionWaiter(Background):
     def __init__(self, store: JobStore, poll_s: float = 1.0) -> None:
@@ -25,10 +31,14 @@ class CompletionWaiter(Background):
         self.store = store
         self.poll_s = poll_s
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()
 
     def wake(self, ids: list[str]) -> None:
         """A fan-out consumer (on the event loop): these jobs ended."""
         for job_id in ids:
+            self._ended[job_id] = None
+            if len(self._ended) > REMEMBERED:
+                self._ended.popitem(last=False)
             for fut in self._waiters.pop(job_id, []):
                 if not fut.done():
                     fut.set_result(None)
@@ -48,7 +58,7 @@ class CompletionWaiter(Background):
 
     async def wait(self, job_id: str, timeout: float) -> bool:
         """True when the job ended within ``timeout`` seconds (it may have ended before the call)."""
-        if job_id in await run_in_threadpool(self.store.terminal_among, [job_id]):
+        if job_id in self._ended:
             return True
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, []).append(fut)
