@@ -96,12 +96,16 @@ class Cluster:
     def wait_workers_ready(self, n: int, timeout: float = 240) -> None:
         """Until ``n`` live workers have loaded their model (workers a test stopped do not count)."""
         deadline = time.monotonic() + timeout
+        live: list[WorkerProc] = []
         while time.monotonic() < deadline:
             live = [w for w in self.workers if w.proc and w.proc.poll() is None]
             if sum(1 for w in live if any(e.get("event") == "worker ready" for e in w.events())) >= n:
                 return
+            if len(live) < n:  # workers that exited never come back here: say why now, not at the deadline
+                break
             time.sleep(0.5)
-        raise TimeoutError("workers not ready:\n" + "\n".join(w.log_path.read_text()[-1500:] for w in self.workers))
+        logs = "\n".join(w.log_path.read_text()[-1500:] for w in self.workers)
+        raise TimeoutError(f"{n} workers not ready ({len(live)} running):\n{logs}")
 
     def stop(self) -> None:
         for api in self.apis:
