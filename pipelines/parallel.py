@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from pipelines.hooks import model_hook_base
 from pipelines.layout import Layout, LayoutError
 
 log = structlog.get_logger(__name__)
@@ -184,11 +185,11 @@ class SequencePadding:
     def install(cls, transformer: Any, degree: int) -> SequencePadding:
         from diffusers.hooks import HookRegistry
 
-        from pipelines.speed import _keep_new_forward
+        from pipelines.hooks import keep_new_forward
 
         padding = cls(degree)
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(padding.hook, cls.NAME)
-        _keep_new_forward(padding.hook.fn_ref)
+        keep_new_forward(padding.hook.fn_ref)
         return padding
 
     def forward(self, forward: Any, *args: Any, **kwargs: Any) -> Any:
@@ -210,13 +211,7 @@ class SequencePadding:
         return forward(**kwargs)
 
 
-def _model_hook_base() -> type:
-    from diffusers.hooks import ModelHook
-
-    return ModelHook
-
-
-class _SequencePaddingHook(_model_hook_base()):  # type: ignore[misc]
+class _SequencePaddingHook(model_hook_base()):  # type: ignore[misc]
     def __init__(self, owner: SequencePadding) -> None:
         super().__init__()
         self.owner = owner

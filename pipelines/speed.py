@@ -18,13 +18,13 @@ Each is independent and reported: what was applied, and what was skipped and why
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from pipelines.cache import ConditionCache
+from pipelines.hooks import CFGPair
 
 log = structlog.get_logger(__name__)
 
@@ -214,80 +214,40 @@ def pad_text(embeds: Any, mask: Any | None, length: int) -> tuple[Any, Any]:
     return embeds, mask
 
 
-class BatchedCFG:
-    """Runs the pipeline's cond and uncond transformer calls of a step as one batch-2 forward.
+class BatchedCFG(CFGPair):
+    """Runs the pipeline's cond and uncond transformer calls of a step as one batch-2 forward
+    (the shared mechanics: ``pipelines.hooks.CFGPair``).
 
-    The pipeline encodes the prompt, then the negative prompt, then per step calls the
-    transformer with the prompt's embeddings and then with the negative's, on the same latents.
-    We record the two encodings; at the cond call we run both halves at once, return the cond
-    half and keep the uncond half for the uncond call that follows. Anything else (no CFG, other
-    inputs) goes through the transformer unchanged.
-
-    The transformer side is a diffusers ``ModelHook`` in the model's hook registry, so it composes
-    with group offloading, model offload and LoRA loading (which re-apply their own hooks) instead
-    of being lost under them. Where the two prompts differ in length the batch needs a padding
-    mask; an attention backend that refuses masks (flash, sage...) says so on the first try, and
-    from then on such steps run as two passes.
+    Where the two prompts differ in length the batch needs a padding mask; an attention backend
+    that refuses masks (flash, sage...) says so on the first try, and from then on such steps run
+    as two passes.
     """
 
     NAME = "qwen_edit_batched_cfg"
+    ATTR = "_batched_cfg"
 
     def __init__(self, pipe: Any) -> None:
-        self._encode = pipe.encode_prompt
-        self._encoded: deque[Any] = deque(maxlen=2)
-        self._stash: tuple[Any, Any, Any] | None = None  # (latents, negative embeds, uncond output)
+        super().__init__(pipe)
         self.batched_calls = 0
         self.masks_supported = True
-        self.hook = _BatchedCFGHook(self)
 
     @classmethod
     def install(cls, pipe: Any) -> BatchedCFG:
-        from diffusers.hooks import HookRegistry
-
-        if isinstance(getattr(pipe, "_batched_cfg", None), BatchedCFG):
-            return pipe._batched_cfg  # type: ignore[no-any-return]
+        installed = cls.installed(pipe)
+        if installed is not None:
+            return installed  # type: ignore[no-any-return]
         batched = cls(pipe)
-        pipe.encode_prompt = batched.encode_prompt
-        HookRegistry.check_if_exists_or_initialize(pipe.transformer).register_hook(batched.hook, cls.NAME)
-        _keep_new_forward(batched.hook.fn_ref)
-        pipe._batched_cfg = batched
+        batched._attach(pipe)
         return batched
 
-    @classmethod
-    def uninstall(cls, pipe: Any) -> None:
-        from diffusers.hooks import HookRegistry
-
-        batched = getattr(pipe, "_batched_cfg", None)
-        if isinstance(batched, BatchedCFG):
-            pipe.encode_prompt = batched._encode
-            HookRegistry.check_if_exists_or_initialize(pipe.transformer).remove_hook(cls.NAME, recurse=False)
-            del pipe._batched_cfg
-
-    def encode_prompt(self, *args: Any, **kwargs: Any) -> Any:
-        out = self._encode(*args, **kwargs)
-        self._encoded.append(out)
-        self._stash = None
-        return out
-
-    def forward(self, forward: Any, *args: Any, **kwargs: Any) -> Any:
-        hidden = kwargs.get("hidden_states")
-        text = kwargs.get("encoder_hidden_states")
-        if args or hidden is None or text is None:
-            return forward(*args, **kwargs)
-        stash = self._stash
-        if stash is not None and stash[0] is hidden and stash[1] is text:
-            self._stash = None
-            return self._wrap(stash[2], kwargs)
-        if len(self._encoded) == 2 and self._encoded[0][0] is text:
-            (pos, pos_mask), (neg, neg_mask) = self._encoded
-            if pos.shape[0] == hidden.shape[0] and neg.shape[0] == hidden.shape[0]:
-                both = self._both(forward, hidden, pos, pos_mask, neg, neg_mask, kwargs)
-                if both is not None:
-                    cond, uncond = both
-                    self._stash = (hidden, neg, uncond)
-                    self.batched_calls += 1
-                    return self._wrap(cond, kwargs)
-        return forward(*args, **kwargs)
+    def _pair(self, forward: Any, hidden: Any, kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
+        (pos, pos_mask), (neg, neg_mask) = self._encoded
+        if pos.shape[0] != hidden.shape[0] or neg.shape[0] != hidden.shape[0]:
+            return None
+        both = self._both(forward, hidden, pos, pos_mask, neg, neg_mask, kwargs)
+        if both is not None:
+            self.batched_calls += 1
+        return both
 
     def _both(
         self, forward: Any, hidden: Any, pos: Any, pos_mask: Any, neg: Any, neg_mask: Any, kwargs: dict[str, Any]
@@ -326,52 +286,3 @@ class BatchedCFG:
             log.warning("attention backend refuses masks: prompts of unequal length run as two passes", error=str(exc))
             return None
         return out[:batch], out[batch:]
-
-    @staticmethod
-    def _wrap(sample: Any, kwargs: dict[str, Any]) -> Any:
-        if kwargs.get("return_dict", True):
-            from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-            return Transformer2DModelOutput(sample=sample)
-        return (sample,)
-
-
-def _keep_new_forward(fn_ref: Any) -> None:
-    """Make a hook's ``new_forward`` survive the removal of the hook beneath it.
-
-    diffusers' ``HookRegistry.remove_hook`` (0.42) repoints the next hook's ``fn_ref.forward`` at
-    what the removed hook wrapped. For a hook with a ``new_forward`` that replaces the new_forward
-    itself, so the hook is silently skipped from then on, and loading a LoRA does exactly that: it
-    takes group offloading off and puts it back. With this reference, a new ``forward`` becomes what
-    the ``new_forward`` wraps (``original_forward``), which is what the removal means."""
-    from diffusers.hooks.hooks import HookFunctionReference
-
-    class _NewForwardReference(HookFunctionReference):
-        @property  # type: ignore[override]
-        def forward(self) -> Any:
-            return self._new_forward
-
-        @forward.setter
-        def forward(self, value: Any) -> None:
-            self.original_forward = value
-
-    new_forward = fn_ref.__dict__.pop("forward")
-    fn_ref.__class__ = _NewForwardReference
-    fn_ref._new_forward = new_forward
-
-
-def _model_hook_base() -> type:
-    from diffusers.hooks import ModelHook
-
-    return ModelHook
-
-
-class _BatchedCFGHook(_model_hook_base()):  # type: ignore[misc]
-    """The transformer side of BatchedCFG, in diffusers' hook registry."""
-
-    def __init__(self, owner: BatchedCFG) -> None:
-        super().__init__()
-        self.owner = owner
-
-    def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
-        return self.owner.forward(self.fn_ref.original_forward, *args, **kwargs)
