@@ -208,7 +208,6 @@ def _idle_worker(url: str, run_dir: str, ready: Any, stop: Any, wakes: Any) -> N
 
     store = JobStore.at(url, run_dir=Path(run_dir))
     sub = store.notifier.subscribe("jobs", template_job("").variant)  # a worker of the submits' variant
-    sub.wait(0.3, ready=False)  # PostgreSQL: connected and listening before the first submit
     ready.wait()
     try:
         while not stop.is_set():

@@ -1,21 +1,41 @@
 """The API process's one ``done`` listener (server/api/tasks/fanout.py): every consumer hears of
 every job that ended, except a webhook consumer, which hears only of jobs whose end queued a
-delivery (its outbox claim is a write; woken for every job it ran one beside each sync answer)."""
+delivery (its outbox claim is a write; woken for every job it ran one beside each sync answer).
+Once ``start()`` returned, nothing that ends is missed, even before the listener's first wait (a
+PostgreSQL listener used to LISTEN only then; a local one could bind its socket after the first
+job ended)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from benchmarks.scale import template_job
 from server.api.tasks.fanout import DoneFanout
 from server.jobs.store import JobStore, new_id
+from server.settings import Settings
+from tests.support import fresh_database
 
 
-def test_webhook_consumers_hear_only_of_jobs_with_a_webhook(tmp_path: Path) -> None:
-    store = JobStore.at(f"sqlite:///{tmp_path / 'jobs.db'}", run_dir=tmp_path / "run")
-    store.migrate()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            store = JobStore.at(f"sqlite:///{tmp_path / 'jobs.db'}", run_dir=tmp_path / "run")
+        else:
+            url = stack.enter_context(fresh_database())
+            store = JobStore.at(Settings(database_url=url).resolved_database_url)
+        stack.callback(store.close)
+        store.migrate()
+        yield store
+
+
+def test_webhook_consumers_hear_only_of_jobs_with_a_webhook(store: JobStore) -> None:
     plain = replace(template_job("k"), id=new_id())
     hooked = replace(template_job("k"), id=new_id(), webhook_url="http://127.0.0.1:9/hook")
     failed = replace(template_job("k"), id=new_id(), webhook_url="http://127.0.0.1:9/hook")
@@ -26,10 +46,11 @@ def test_webhook_consumers_hear_only_of_jobs_with_a_webhook(tmp_path: Path) -> N
         fanout = DoneFanout(store.notifier)
         fanout.subscribe(heard.extend)
         fanout.subscribe(webhooks.extend, webhooks_only=True)
+        for job in (plain, hooked, failed):
+            store.create(job)
         await fanout.start()
         try:
-            for job in (plain, hooked, failed):
-                store.create(job)
+            # The first end comes at once: no wait of the listener's has begun yet.
             assert store.cancel_queued(failed.id, "gone")  # ends queued: a failure, its webhook due
             for _ in range(2):  # the other two, run and completed
                 claimed = store.claim("w", [plain.variant], 60)
@@ -42,9 +63,6 @@ def test_webhook_consumers_hear_only_of_jobs_with_a_webhook(tmp_path: Path) -> N
         finally:
             await fanout.stop()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        store.close()
+    asyncio.run(scenario())
     assert sorted(heard) == sorted([plain.id, hooked.id, failed.id])
     assert sorted(webhooks) == sorted([hooked.id, failed.id])

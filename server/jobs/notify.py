@@ -62,6 +62,9 @@ def parse_done(payload: str) -> tuple[str, bool]:
 
 
 class Subscription(Protocol):
+    """Listening from construction: a message published after ``subscribe()`` returned is heard
+    (while the channel's transport is up), even if it comes before the first ``wait``."""
+
     def wait(self, timeout: float, *, ready: bool = True) -> list[str]:
         """Block up to ``timeout`` seconds; return the payloads received (empty on timeout).
         ``ready=False``: this waiter would not take any new job now (a worker waiting for jobs to
@@ -263,6 +266,12 @@ class _PostgresSubscription:
         self.own = f"{channel}_{secrets.token_hex(6)}" if topic is not None else None
         self.conn: Any = None
         self._closed = threading.Event()
+        # LISTEN now, not at the first wait: what is published between subscribe() and that wait
+        # would be lost. A database that is down is retried by wait().
+        try:
+            self.conn = self._connect()
+        except Exception as exc:
+            log.debug("listen connection not made", channel=channel, error=str(exc))
 
     def _connect(self):  # type: ignore[no-untyped-def]
         import psycopg

@@ -29,7 +29,10 @@ class DoneFanout:
         self._consumers.append((consumer, webhooks_only))
 
     async def start(self) -> None:
+        """Returns once listening: a job that ends after this is heard of (its end can come before
+        the thread's first wait; a message sent to nobody is lost)."""
         self._loop = asyncio.get_running_loop()
+        self._sub = await run_in_threadpool(self.notifier.subscribe, "done")
         self._thread = threading.Thread(target=self._listen, name="done-listener", daemon=True)
         self._thread.start()
 
@@ -41,7 +44,8 @@ class DoneFanout:
             await run_in_threadpool(self._thread.join, 5)
 
     def _listen(self) -> None:
-        sub = self._sub = self.notifier.subscribe("done")
+        sub = self._sub
+        assert sub is not None  # made by start()
         try:
             while not self._stop.is_set():
                 ended = [parse_done(payload) for payload in sub.wait(0.5) if payload]  # "": a wake()
