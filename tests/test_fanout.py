@@ -1,6 +1,8 @@
 """The API process's one ``done`` listener (server/api/tasks/fanout.py): every consumer hears of
 every job that ended, except a webhook consumer, which hears only of jobs whose end queued a
 delivery (its outbox claim is a write; woken for every job it ran one beside each sync answer).
+An on-thread consumer (the sync waiter, which reads the finished rows there) is called on the
+listener's own thread.
 Once ``start()`` returned, nothing that ends is missed, even before the listener's first wait (a
 PostgreSQL listener used to LISTEN only then; a local one could bind its socket after the first
 job ended)."""
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -41,11 +44,15 @@ def test_webhook_consumers_hear_only_of_jobs_with_a_webhook(store: JobStore) -> 
     failed = replace(template_job("k"), id=new_id(), webhook_url="http://127.0.0.1:9/hook")
     heard: list[str] = []
     webhooks: list[str] = []
+    on_thread: list[tuple[str, str]] = []
 
     async def scenario() -> None:
         fanout = DoneFanout(store.notifier)
         fanout.subscribe(heard.extend)
         fanout.subscribe(webhooks.extend, webhooks_only=True)
+        fanout.subscribe(
+            lambda ids: on_thread.extend((i, threading.current_thread().name) for i in ids), on_thread=True
+        )
         for job in (plain, hooked, failed):
             store.create(job)
         await fanout.start()
@@ -66,3 +73,4 @@ def test_webhook_consumers_hear_only_of_jobs_with_a_webhook(store: JobStore) -> 
     asyncio.run(scenario())
     assert sorted(heard) == sorted([plain.id, hooked.id, failed.id])
     assert sorted(webhooks) == sorted([hooked.id, failed.id])
+    assert sorted(on_thread) == sorted((i, "done-listener") for i in (plain.id, hooked.id, failed.id))

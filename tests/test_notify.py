@@ -62,6 +62,33 @@ def test_done_and_topicless_messages_reach_everyone(tmp_path: Path) -> None:
         sub.close()
 
 
+def test_only_wake_one_subscribers_say_they_are_idle(tmp_path: Path) -> None:
+    """The idle/busy rename is read by the wake-one publisher only: a ``done`` listener waits under
+    one name (two renames a wait would sit between a message's arrival and its delivery)."""
+    notifier = LocalNotifier(tmp_path / "run")
+    subs = [notifier.subscribe("jobs", "edit"), notifier.subscribe("done")]
+    got: list[list[str]] = [[], []]
+    started = [threading.Event(), threading.Event()]
+
+    def run(i: int) -> None:
+        started[i].set()
+        got[i] = subs[i].wait(10)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(list((notifier.root / "jobs").glob("idle.*"))) == 1, 10, "the worker idle")
+    assert started[1].wait(10)
+    assert [p.name.split(".")[0] for p in (notifier.root / "done").iterdir()] == ["busy"]
+    notifier.publish("done", "abc")
+    notifier.publish("jobs", "edit")
+    for t in threads:
+        t.join(10)
+    assert got == [["edit"], ["abc"]]
+    for sub in subs:
+        sub.close()
+
+
 def test_a_subscriber_that_died_is_forgotten(tmp_path: Path) -> None:
     notifier = LocalNotifier(tmp_path / "run")
     gone = notifier.subscribe("jobs", "edit")

@@ -160,6 +160,25 @@ def test_a_claim_that_finds_nothing_takes_no_write_lock_on_sqlite(tmp_path: Path
         store.close()
 
 
+def test_a_woken_claim_goes_straight_to_its_write_on_sqlite(tmp_path: Path) -> None:
+    """A worker picked to take a job just queued (woken for its variant) skips the look that keeps
+    a claim finding nothing off the write lock: the job is there; the read would only delay it."""
+    from tests.test_flat_costs import statements
+
+    store = JobStore.at(f"sqlite:///{tmp_path / 'jobs.db'}", run_dir=tmp_path / "run")
+    store.migrate()
+    try:
+        first, second = make_job(store), make_job(store)
+        claimed: list[Job | None] = []
+        looked = statements(store, lambda: claimed.append(store.claim("w", [VARIANT], 60)))
+        woken = statements(store, lambda: claimed.append(store.claim("w", [VARIANT], 60, woken=True)))
+        assert [job.id if job else None for job in claimed] == [first.id, second.id]
+        assert looked[0][0] != "BEGIN IMMEDIATE" and "BEGIN IMMEDIATE" in [sql for sql, _ in looked]
+        assert woken[0][0] == "BEGIN IMMEDIATE"  # nothing read before the write
+    finally:
+        store.close()
+
+
 def test_claim_compatible_takes_only_same_key_jobs_in_order(store: JobStore) -> None:
     base = now_ms() - 10_000
     first = make_job(store, batch_key="k1", created_at=base)

@@ -1,10 +1,13 @@
 """The sync-mode waiter (server/api/tasks/waiter.py): a wait starts without a query of its own; news
 of a job's end that came before its wait is remembered; news that never came is made up for by the
-slow poll, which asks the store about every waiting id in one query."""
+slow poll, which asks the store about every waiting id in one query. The finished row of a job
+someone waits for is read on the listener's thread with the news, and no second time."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from types import SimpleNamespace
 from typing import Any
 
 from server.api.tasks.waiter import REMEMBERED, CompletionWaiter
@@ -17,9 +20,15 @@ class Store:
         self.ended: set[str] = set()
         self.asked: list[list[str]] = []
 
+        self.reads: list[tuple[str, str]] = []  # (job id, thread name)
+
     def terminal_among(self, ids: list[str]) -> list[str]:
         self.asked.append(sorted(ids))
         return [i for i in ids if i in self.ended]
+
+    def get(self, job_id: str) -> Any:
+        self.reads.append((job_id, threading.current_thread().name))
+        return SimpleNamespace(id=job_id, read_on=threading.current_thread().name)
 
 
 def waiter(store: Store, poll_s: float = 3600) -> CompletionWaiter:
@@ -72,3 +81,26 @@ def test_what_it_remembers_is_bounded() -> None:
     w = waiter(Store())
     w.wake([f"job{i}" for i in range(REMEMBERED + 10)])
     assert len(w._ended) == REMEMBERED and "job0" not in w._ended
+
+
+def test_the_row_is_read_once_on_the_listener_thread_and_handed_over() -> None:
+    store = Store()
+    w = waiter(store)
+
+    async def scenario() -> Any:
+        w.start()
+        try:
+            waiting = asyncio.ensure_future(w.outcome("d", timeout=30))
+            await asyncio.sleep(0)
+            # The listener thread hears of "d" (waited for) and "e" (nobody waits: no read).
+            listener = threading.Thread(target=w.heard, args=(["d", "e"],), name="done-listener")
+            listener.start()
+            row = await waiting
+            listener.join()
+            return row, await w.wait("e", timeout=0.05)  # remembered: no wait, no read
+        finally:
+            await w.stop()
+
+    row, e_ended = asyncio.run(scenario())
+    assert row.id == "d" and row.read_on == "done-listener"
+    assert store.reads == [("d", "done-listener")] and e_ended is True

@@ -119,7 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             guard=NetGuard.from_entries(settings.fetch_allow),
         )
         fanout = DoneFanout(store.notifier)
-        fanout.subscribe(svc.waiter.wake)
+        fanout.subscribe(svc.waiter.heard, on_thread=True)
         fanout.subscribe(dispatcher.wake, webhooks_only=True)
         collector = JobStoreCollector(store)
         app.state.metrics_registry.register(collector)
@@ -129,9 +129,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         if retention is not None:
             tasks.append(retention)
-        await fanout.start()
-        for task in tasks:
+        for task in tasks:  # before the fan-out: a consumer is running when the first news comes
             task.start()
+        await fanout.start()
         # Everything built so far lives as long as the process: out of the collector's sight, a full
         # collection no longer walks it (those were the slowest result polls).
         gc.freeze()

@@ -143,7 +143,7 @@ class LocalNotifier:
                 _send(sock, path, data)
 
     def subscribe(self, channel: str, topic: str = "") -> Subscription:
-        return _LocalSubscription(self.root / channel, topic if _TOPIC.match(topic) else "*")
+        return _LocalSubscription(self.root / channel, topic if _TOPIC.match(topic) else "*", channel in WAKE_ONE)
 
 
 def _topic_of(path: Path) -> str:
@@ -168,8 +168,11 @@ def _send(sock: socket.socket, path: Path, data: bytes) -> bool:
 
 
 class _LocalSubscription:
-    def __init__(self, folder: Path, topic: str) -> None:
+    def __init__(self, folder: Path, topic: str, wake_one: bool) -> None:
         folder.mkdir(parents=True, exist_ok=True)
+        # Only a wake-one publisher reads the idle/busy state: elsewhere its two renames a wait
+        # would sit between a message's arrival and its delivery for nothing.
+        self._marks = wake_one
         # busy|idle . topic . pid-random . sock: a rename flips the state; senders resolve the name
         # to the socket when they send, so a datagram reaches it under either name.
         self._name = f"{topic}.{os.getpid()}-{secrets.token_hex(4)}.sock"
@@ -180,6 +183,8 @@ class _LocalSubscription:
         self._lock = threading.Lock()  # wait() and close() may run on different threads
 
     def _mark(self, state: str) -> None:
+        if not self._marks:
+            return
         with self._lock:
             target = self.path.with_name(f"{state}.{self._name}")
             if target != self.path and self.sock.fileno() >= 0:

@@ -237,12 +237,22 @@ class JobStore:
     # --- jobs: the worker's side ---------------------------------------------------------
 
     def claim(
-        self, worker_id: str, variants: Sequence[str], lease_s: float, *, spend_attempt: bool = True
+        self,
+        worker_id: str,
+        variants: Sequence[str],
+        lease_s: float,
+        *,
+        spend_attempt: bool = True,
+        woken: bool = False,
     ) -> Job | None:
         """Lease the next queued job of ``variants`` (priority, then age). ``spend_attempt=False``:
         a job claimed ahead (prefetched) that spends its attempt only at ``begin``, so that one
-        returned unstarted, or left behind by a crash, was never charged a try."""
-        claimed = self._claim(worker_id, lease_s, 1, {"variants": list(variants)}, spend_attempt=spend_attempt)
+        returned unstarted, or left behind by a crash, was never charged a try. ``woken``: the
+        caller was woken for a job just queued (it was picked to take it): a job is very likely
+        there, so SQLite's look before the write is skipped."""
+        claimed = self._claim(
+            worker_id, lease_s, 1, {"variants": list(variants)}, spend_attempt=spend_attempt, look=not woken
+        )
         return claimed[0] if claimed else None
 
     def begin(self, job_id: str, token: str) -> Begun | None:
@@ -264,11 +274,18 @@ class JobStore:
         return self._claim(worker_id, lease_s, limit, {"b_batch_key": batch_key}, spend_attempt=spend_attempt)
 
     def _claim(
-        self, worker_id: str, lease_s: float, limit: int, by: dict[str, Any], *, spend_attempt: bool = True
+        self,
+        worker_id: str,
+        lease_s: float,
+        limit: int,
+        by: dict[str, Any],
+        *,
+        spend_attempt: bool = True,
+        look: bool = True,
     ) -> list[Job]:
         """``by``: ``{"variants": [...]}`` or ``{"b_batch_key": ...}`` (server/jobs/statements.py)."""
         kind = "variants" if "variants" in by else "batch"
-        if self.db.is_sqlite and not self._queued_any(kind, by):
+        if look and self.db.is_sqlite and not self._queued_any(kind, by):
             # SQLite has one writer at a time: a claim that finds nothing (a woken worker another
             # took the job from, a poll of an empty queue) must not queue for the write lock the
             # submits need. A WAL read takes no lock. A job queued just after this look is not

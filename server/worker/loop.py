@@ -139,10 +139,12 @@ class Worker:
 
     def _serial(self, executor: Executor, sub: Subscription) -> None:
         """One job at a time: claim, load, run, store, settle."""
+        woken: list[str] = []
         while self.housekeeping():
-            job = self.claim_next(spend_attempt=True)
+            job = self.claim_next(spend_attempt=True, woken=woken)
+            woken = []
             if job is None:
-                sub.wait(self.settings.poll_interval_s)
+                woken = sub.wait(self.settings.poll_interval_s)
                 continue
             executor.run([job, *self.compatible(job, sub)])
             self.check_runner(executor)
@@ -165,9 +167,14 @@ class Worker:
             self.stopping.set()
         return not self.stopping.is_set()
 
-    def claim_next(self, *, spend_attempt: bool) -> Job | None:
+    def claim_next(self, *, spend_attempt: bool, woken: list[str] | None = None) -> Job | None:
+        """``woken``: what the wait before this claim returned (a job of this variant queued since
+        the last claim: the store may skip its look before the write)."""
+        hinted = woken is not None and self.variant.name in woken
         return self._safely(
-            lambda: self.store.claim(self.id, [self.variant.name], self.settings.lease_s, spend_attempt=spend_attempt)
+            lambda: self.store.claim(
+                self.id, [self.variant.name], self.settings.lease_s, spend_attempt=spend_attempt, woken=hinted
+            )
         )
 
     def compatible(self, job: Job, sub: Subscription, *, spend_attempt: bool = True) -> list[Job]:

@@ -94,6 +94,7 @@ class Overlap:
         self.load_s = Average()  # claim + fetch + decode seconds
         self.beginning = False  # the prefetch thread is beginning the job ahead: the pipeline waits for it
         self._cond = threading.Condition()  # guards current, ahead, beginning; notified when one changes
+        self._woken: list[str] = []  # what the prefetch thread's last wait for jobs returned
 
     def run(self) -> None:
         """Serve until the worker stops; then hand back what was claimed ahead and store every output."""
@@ -164,10 +165,11 @@ class Overlap:
     def _claim_ahead(self, idle: bool) -> None:
         # Idle: the job starts at once, so its attempt is spent with the claim (no extra write).
         started = time.perf_counter()
-        job = self.worker.claim_next(spend_attempt=idle)
+        job = self.worker.claim_next(spend_attempt=idle, woken=self._woken if idle else None)
+        self._woken = []
         if job is None:
             # With the pipeline busy, a truly idle worker should take the next job first.
-            self.sub.wait(self.worker.settings.poll_interval_s, ready=idle)
+            self._woken = self.sub.wait(self.worker.settings.poll_interval_s, ready=idle)
             return
         batch = [job, *self.worker.compatible(job, self.sub, spend_attempt=idle)]
         loaded = self.executor.load(batch, begun=idle)

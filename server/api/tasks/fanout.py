@@ -9,24 +9,34 @@ import asyncio
 import threading
 from collections.abc import Callable
 
+import structlog
 from starlette.concurrency import run_in_threadpool
 
 from server.jobs.notify import Notifier, Subscription, parse_done
 
-Consumer = Callable[[list[str]], None]  # called on the event loop with the ids that ended
+log = structlog.get_logger(__name__)
+
+Consumer = Callable[[list[str]], None]  # called with the ids that ended
 
 
 class DoneFanout:
     def __init__(self, notifier: Notifier) -> None:
         self.notifier = notifier
-        self._consumers: list[tuple[Consumer, bool]] = []  # (consumer, webhooks only)
+        self._consumers: list[tuple[Consumer, bool]] = []  # (consumer, webhooks only), on the event loop
+        self._on_thread: list[Consumer] = []  # on the listener thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sub: Subscription | None = None
 
-    def subscribe(self, consumer: Consumer, *, webhooks_only: bool = False) -> None:
-        self._consumers.append((consumer, webhooks_only))
+    def subscribe(self, consumer: Consumer, *, webhooks_only: bool = False, on_thread: bool = False) -> None:
+        """``on_thread``: called on the listener thread, not the event loop (a consumer that does
+        blocking work, such as reading rows, before it needs the loop: one hop instead of three)."""
+        if on_thread:
+            assert not webhooks_only, "an on-thread consumer hears of every job"
+            self._on_thread.append(consumer)
+        else:
+            self._consumers.append((consumer, webhooks_only))
 
     async def start(self) -> None:
         """Returns once listening: a job that ends after this is heard of (its end can come before
@@ -49,7 +59,14 @@ class DoneFanout:
         try:
             while not self._stop.is_set():
                 ended = [parse_done(payload) for payload in sub.wait(0.5) if payload]  # "": a wake()
-                if ended and self._loop is not None:
+                if not ended:
+                    continue
+                for consumer in self._on_thread:
+                    try:
+                        consumer([job_id for job_id, _ in ended])
+                    except Exception:  # the others, and the next messages, are still delivered
+                        log.exception("done consumer failed", consumer=repr(consumer))
+                if self._loop is not None:
                     self._loop.call_soon_threadsafe(self._deliver, ended)
         finally:
             sub.close()

@@ -5,6 +5,10 @@ notifications that never came (another machine, a restart), checking all waiting
 A wait starts without a query of its own: the jobs waited for were created by this process a moment
 before, and one that ended since was heard of (the ids heard lately are remembered) or is found by
 the next slow poll. On a sync request that saves a trip to a thread and the database.
+
+The finished row of a job someone waits for is read on the listener's thread, as the news arrives
+(``heard``), and handed to the waiting request with it: the request goes from the event loop to a
+pool thread and back once less, on the path every sync answer takes.
 """
 
 from __future__ import annotations
@@ -30,18 +34,37 @@ class CompletionWaiter(Background):
         super().__init__()
         self.store = store
         self.poll_s = poll_s
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        # Each waiting request's future: the finished row when it was read with the news, else None.
+        self._waiters: dict[str, list[asyncio.Future[Job | None]]] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def wake(self, ids: list[str]) -> None:
-        """A fan-out consumer (on the event loop): these jobs ended."""
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        super().start()
+
+    def heard(self, ids: list[str]) -> None:
+        """A fan-out consumer on the listener's thread: read the rows of the jobs waited for, then
+        wake their waiters on the loop with them. (``in`` on the dict the loop changes is safe under
+        the GIL; a waiter that comes or goes meanwhile costs a read, never a wrong answer.)"""
+        wanted = [job_id for job_id in ids if job_id in self._waiters]
+        rows: dict[str, Job] = {}
+        try:
+            rows = {job.id: job for job in map(self.store.get, wanted) if job is not None}
+        except StoreUnavailable as exc:  # each waiter reads its row itself
+            log.warning("reading finished jobs failed", error=str(exc))
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.wake, ids, rows)
+
+    def wake(self, ids: list[str], rows: dict[str, Job] | None = None) -> None:
+        """On the event loop: these jobs ended (``rows``: the finished rows read with the news)."""
         for job_id in ids:
             self._ended[job_id] = None
             if len(self._ended) > REMEMBERED:
                 self._ended.popitem(last=False)
             for fut in self._waiters.pop(job_id, []):
                 if not fut.done():
-                    fut.set_result(None)
+                    fut.set_result((rows or {}).get(job_id))
 
     async def run(self) -> None:
         """The slow poll, for the notifications that never came."""
@@ -58,15 +81,19 @@ class CompletionWaiter(Background):
 
     async def wait(self, job_id: str, timeout: float) -> bool:
         """True when the job ended within ``timeout`` seconds (it may have ended before the call)."""
+        ended, _ = await self._wait(job_id, timeout)
+        return ended
+
+    async def _wait(self, job_id: str, timeout: float) -> tuple[bool, Job | None]:
+        """Whether the job ended in time, and its finished row when it came with the news."""
         if job_id in self._ended:
-            return True
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            return True, None
+        fut: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, []).append(fut)
         try:
-            await asyncio.wait_for(fut, timeout)
-            return True
+            return True, await asyncio.wait_for(fut, timeout)
         except TimeoutError:
-            return False
+            return False, None
         finally:
             futures = self._waiters.get(job_id)
             if futures and fut in futures:
@@ -76,7 +103,8 @@ class CompletionWaiter(Background):
 
     async def outcome(self, job_id: str, timeout: float) -> Job:
         """The job once it ended, or as it stands when ``timeout`` ran out (sync mode)."""
-        await self.wait(job_id, timeout)
-        current = await run_in_threadpool(self.store.get, job_id)
+        _, current = await self._wait(job_id, timeout)
+        if current is None:  # timed out, ended before the wait, or heard of by the slow poll
+            current = await run_in_threadpool(self.store.get, job_id)
         assert current is not None  # an accepted job is never deleted before it ends
         return current
