@@ -301,6 +301,24 @@ def test_release_hands_back_without_spending_an_attempt(store: JobStore) -> None
     assert again is not None and again.id == job.id and again.attempts == 1
 
 
+def test_a_heartbeat_renews_the_lease_and_reports_progress_only_when_given(store: JobStore) -> None:
+    make_job(store)
+    claimed = store.claim("w", [VARIANT], 30)
+    assert claimed is not None and claimed.lease_token and claimed.lease_expires_at
+    assert store.heartbeat(claimed.id, claimed.lease_token, 300, 3, 8).alive
+    renewed = store.get(claimed.id)
+    assert renewed is not None and (renewed.progress_step, renewed.progress_total) == (3, 8)
+    assert renewed.lease_expires_at and renewed.lease_expires_at > claimed.lease_expires_at + 200_000
+    assert store.heartbeat(claimed.id, claimed.lease_token, 300).alive  # no progress: it stays
+    same = store.get(claimed.id)
+    assert same is not None and (same.progress_step, same.progress_total) == (3, 8)
+    # Handed back unspent (claimed ahead, never begun): the attempt stays, the progress goes.
+    assert store.release(claimed.id, claimed.lease_token, refund=False)
+    back = store.get(claimed.id)
+    assert back is not None and back.attempts == 1 and back.progress_step == 0 and back.lease_owner is None
+    assert not store.heartbeat(claimed.id, claimed.lease_token, 300).alive
+
+
 def test_release_owned_by_a_previous_life(store: JobStore) -> None:
     job = make_job(store)
     assert store.claim("host/0", [VARIANT], 30) is not None

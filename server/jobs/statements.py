@@ -8,6 +8,8 @@ the parameters change. Each is used by ``JobStore`` (server/jobs/store.py) as do
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import bindparam, func, insert, select, update
 
 from server.jobs.contract import Status
@@ -91,3 +93,58 @@ COMPLETE = (
     )
     .returning(jobs.c.webhook_url)
 )
+
+# The lease's renewal, with the progress where the run reports one (NULL: unchanged); it answers
+# whether a cancel was asked for.
+HEARTBEAT = (
+    update(jobs)
+    .where(*_LEASED)
+    .values(
+        lease_expires_at=bindparam("b_expires"),
+        updated_at=bindparam("now"),
+        progress_step=func.coalesce(bindparam("b_step", type_=jobs.c.progress_step.type), jobs.c.progress_step),
+        progress_total=func.coalesce(bindparam("b_total", type_=jobs.c.progress_total.type), jobs.c.progress_total),
+    )
+    .returning(jobs.c.cancel_requested)
+)
+
+# A leased job's failure (its webhook URL returned: a delivery is due if it has one).
+FAIL = (
+    update(jobs)
+    .where(*_LEASED)
+    .values(
+        status=Status.FAILED,
+        finished_at=bindparam("now"),
+        updated_at=bindparam("now"),
+        lease_token=None,
+        lease_expires_at=None,
+        cancel_requested=False,
+        error=bindparam("b_error"),
+        error_code=bindparam("b_error_code"),
+        inference_ms=bindparam("b_inference_ms"),
+    )
+    .returning(jobs.c.webhook_url)
+)
+
+
+def requeued(now: Any) -> dict[str, Any]:
+    """A job's values back in the queue: no lease, no progress (``now``: a value or a parameter)."""
+    return {
+        "status": Status.CREATED,
+        "lease_token": None,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "progress_step": 0,
+        "updated_at": now,
+    }
+
+
+def _release(refund: bool) -> Any:
+    values = requeued(bindparam("now"))
+    if refund:
+        values["attempts"] = jobs.c.attempts - 1
+    return update(jobs).where(*_LEASED).values(**values)
+
+
+# RELEASE[refund]: a leased job back to the queue (refund: the attempt it spent is given back).
+RELEASE = {refund: _release(refund) for refund in (True, False)}

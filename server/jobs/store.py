@@ -316,15 +316,9 @@ class JobStore:
         self, job_id: str, token: str, lease_s: float, step: int | None = None, total: int | None = None
     ) -> Heartbeat:
         now = now_ms()
-        values: dict[str, Any] = {"lease_expires_at": now + int(lease_s * 1000), "updated_at": now}
-        if step is not None:
-            values["progress_step"] = step
-        if total is not None:
-            values["progress_total"] = total
+        params = {"job_id": job_id, "token": token, "now": now, "b_step": step, "b_total": total}
         with self.db.write() as conn:
-            row = conn.execute(
-                update(jobs).where(self._leased(job_id, token)).values(**values).returning(jobs.c.cancel_requested)
-            ).first()
+            row = conn.execute(sql.HEARTBEAT, {**params, "b_expires": now + int(lease_s * 1000)}).first()
         return Heartbeat(alive=row is not None, cancel_requested=bool(row and row[0]))
 
     def complete(
@@ -348,17 +342,11 @@ class JobStore:
         return done is not None
 
     def fail(self, job_id: str, token: str, error: str, code: int, inference_ms: int = 0) -> bool:
+        params = {"job_id": job_id, "token": token, "b_error": error, "b_error_code": code}
         with self.db.write() as conn:
-            done = self._finish(
-                conn,
-                self._leased(job_id, token),
-                job_id,
-                Status.FAILED,
-                error=error,
-                error_code=code,
-                inference_ms=inference_ms,
-                now=now_ms(),
-            )
+            now = now_ms()
+            row = conn.execute(sql.FAIL, {**params, "b_inference_ms": inference_ms, "now": now}).first()
+            done = None if row is None else self._ended(conn, job_id, Status.FAILED, row[0], now, inference_ms)
         if done:
             self.db.publish("done", done)
         return done is not None
@@ -366,11 +354,8 @@ class JobStore:
     def release(self, job_id: str, token: str, *, refund: bool = True) -> bool:
         """Hand a job back to the queue (a worker told to stop), without spending an attempt
         (``refund=False``: a job claimed ahead that never began had spent none)."""
-        attempts = jobs.c.attempts - 1 if refund else jobs.c.attempts
         with self.db.write() as conn:
-            n = conn.execute(
-                update(jobs).where(self._leased(job_id, token)).values(attempts=attempts, **self._requeued(now_ms()))
-            ).rowcount
+            n = conn.execute(sql.RELEASE[refund], {"job_id": job_id, "token": token, "now": now_ms()}).rowcount
         if n:
             self.db.publish("jobs")
         return bool(n)
@@ -404,28 +389,13 @@ class JobStore:
                     if message:
                         ended.append(message)
                 else:
-                    requeued += conn.execute(update(jobs).where(again).values(**self._requeued(now))).rowcount
+                    requeued += conn.execute(update(jobs).where(again).values(**sql.requeued(now))).rowcount
         if expired:
             log.warning("reaped jobs with expired leases", count=len(expired), requeued=requeued)
             self.db.publish("jobs")
             for message in ended:
                 self.db.publish("done", message)
         return len(expired)
-
-    @staticmethod
-    def _requeued(now: int) -> dict[str, Any]:
-        return {
-            "status": Status.CREATED,
-            "lease_token": None,
-            "lease_owner": None,
-            "lease_expires_at": None,
-            "progress_step": 0,
-            "updated_at": now,
-        }
-
-    @staticmethod
-    def _leased(job_id: str, token: str) -> Any:
-        return (jobs.c.id == job_id) & (jobs.c.lease_token == token) & (jobs.c.status == Status.PROCESSING)
 
     def _finish(
         self, conn: Connection, where: Any, job_id: str, status: Status, *, now: int, **values: Any
