@@ -73,28 +73,9 @@ def database(backend: str, admin: str | None, folder: Path) -> Iterator[str]:
 
 
 def template_job(key: str) -> Any:
-    from server.jobs.contract import Job, JobParams, Status
-    from server.jobs.store import new_id, now_ms
+    from benchmarks.jobs import store_job
 
-    now = now_ms()
-    params = JobParams(prompt="x", images=(), seed=1, num_inference_steps=2, true_cfg_scale=1.0)
-    return Job(
-        id=new_id(),
-        model="wavespeed-ai/qwen-image/edit",
-        variant="edit",
-        status=Status.CREATED,
-        input={"prompt": "x"},
-        params=params,
-        base_url="http://127.0.0.1",
-        output_format="png",
-        base64_output=False,
-        seed=1,
-        max_attempts=3,
-        created_at=now,
-        updated_at=now,
-        api_key_id=key,
-        batch_key="b",
-    )
+    return store_job(api_key_id=key, batch_key="b", progress_total=0)
 
 
 def measure(url: str, files: Path, reps: int) -> dict[str, float]:

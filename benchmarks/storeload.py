@@ -42,7 +42,8 @@ async def hammer(
 
 def fill_store(data: Path, count: int) -> list[str]:
     """Insert ``count`` finished jobs straight into the server's database."""
-    from server.jobs.contract import Job, JobParams, Status
+    from benchmarks.jobs import store_job
+    from server.jobs.contract import Status
     from server.jobs.store import JobStore, new_id, now_ms
     from server.settings import Settings
 
@@ -52,23 +53,15 @@ def fill_store(data: Path, count: int) -> list[str]:
     for _ in range(count):
         job_id = new_id()
         store.create(
-            Job(
+            store_job(
                 id=job_id,
-                model="wavespeed-ai/qwen-image/edit",
-                variant="edit",
                 status=Status.COMPLETED,
-                input={"prompt": "x"},
-                params=JobParams(prompt="x", images=(), seed=0, num_inference_steps=2, true_cfg_scale=1.0),
-                base_url="http://127.0.0.1",
-                output_format="jpeg",
-                base64_output=False,
                 seed=0,
-                max_attempts=3,
-                created_at=now,
-                updated_at=now,
+                output_format="jpeg",
                 finished_at=now,
                 outputs=[f"{job_id}/0.jpeg"],
                 inference_ms=100,
+                progress_total=0,
             )
         )
         ids.append(job_id)

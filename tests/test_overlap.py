@@ -12,31 +12,16 @@ from typing import Any
 
 from PIL import Image
 
+from benchmarks.jobs import store_job
 from server.errors import INVALID_PARAMETER, JobError
-from server.jobs.contract import Job, JobParams, Status
-from server.jobs.store import JobStore, new_id, now_ms
+from server.jobs.contract import Job, Status
+from server.jobs.store import JobStore
 from tests.support import FakeRunner, ThreadWorker, wait_for, wait_status
 from tests.test_worker import finished, submit
 
 
 def _queued(store: JobStore, max_attempts: int = 3) -> Job:
-    t = now_ms()
-    job = Job(
-        id=new_id(),
-        model="wavespeed-ai/qwen-image/edit",
-        variant="edit",
-        status=Status.CREATED,
-        input={"prompt": "x"},
-        params=JobParams(prompt="x", images=(), seed=1, num_inference_steps=2, true_cfg_scale=1.0),
-        base_url="http://127.0.0.1",
-        output_format="png",
-        base64_output=False,
-        seed=1,
-        max_attempts=max_attempts,
-        created_at=t,
-        updated_at=t,
-        progress_total=2,
-    )
+    job = store_job(max_attempts=max_attempts)
     store.create(job)
     return job
 

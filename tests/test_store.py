@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.jobs import store_job
 from server.errors import INTERNAL_ERROR
-from server.jobs.contract import Job, JobParams, Status
+from server.jobs.contract import Job, Status
 from server.jobs.store import JobStore, new_id, now_ms
 from server.settings import Settings
 
@@ -42,23 +43,8 @@ def make_job(
     batch_key: str | None = None,
 ) -> Job:
     t = created_at if created_at is not None else now_ms()
-    job = Job(
-        id=new_id(),
-        model="wavespeed-ai/qwen-image/edit",
-        variant=VARIANT,
-        status=Status.CREATED,
-        input={"prompt": "x"},
-        params=JobParams(prompt="x", images=(), seed=1, num_inference_steps=2, true_cfg_scale=1.0),
-        base_url="http://127.0.0.1",
-        output_format="png",
-        base64_output=False,
-        seed=1,
-        max_attempts=max_attempts,
-        created_at=t,
-        updated_at=t,
-        priority=priority,
-        progress_total=2,
-        batch_key=batch_key,
+    job = store_job(
+        variant=VARIANT, max_attempts=max_attempts, created_at=t, updated_at=t, priority=priority, batch_key=batch_key
     )
     store.create(job)
     return job
@@ -457,23 +443,7 @@ def test_the_queue_cap_is_hard_under_concurrent_submits(store: JobStore) -> None
     def submitter(n: int) -> None:
         start.wait()
         for _ in range(n):
-            t = now_ms()
-            job = Job(
-                id=new_id(),
-                model="wavespeed-ai/qwen-image/edit",
-                variant=VARIANT,
-                status=Status.CREATED,
-                input={},
-                params=JobParams(prompt="x", images=(), seed=1, num_inference_steps=1, true_cfg_scale=1.0),
-                base_url="",
-                output_format="png",
-                base64_output=False,
-                seed=1,
-                max_attempts=1,
-                created_at=t,
-                updated_at=t,
-                api_key_id="k",
-            )
+            job = store_job(variant=VARIANT, input={}, base_url="", steps=1, max_attempts=1, api_key_id="k")
             try:
                 store.create(job, Admission(queue_cap=cap))
                 with lock:

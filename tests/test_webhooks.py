@@ -165,26 +165,10 @@ def test_webhook_must_be_http(api: Any) -> None:
 def _finished_job_with_webhook(store: JobStore, url: str) -> str:
     """A finished job whose webhook sits in the outbox, written straight into the store (as a URL
     accepted by an older release, or inserted by hand, would be)."""
-    from server.jobs.contract import Job, JobParams, Status
-    from server.jobs.store import new_id, now_ms
+    from benchmarks.jobs import store_job
 
-    now = now_ms()
-    job = Job(
-        id=new_id(),
-        model="wavespeed-ai/qwen-image/edit",
-        variant="poison",  # a variant no worker claims: this test's own
-        status=Status.CREATED,
-        input={"prompt": "x"},
-        params=JobParams(prompt="x", images=(), seed=1, num_inference_steps=1, true_cfg_scale=1.0),
-        base_url="http://testserver",
-        output_format="png",
-        base64_output=False,
-        seed=1,
-        max_attempts=3,
-        created_at=now,
-        updated_at=now,
-        webhook_url=url,
-    )
+    # A variant no worker claims: this test's own.
+    job = store_job(variant="poison", base_url="http://testserver", steps=1, webhook_url=url)
     store.create(job)
     claimed = store.claim("test", ["poison"], 30)
     assert claimed is not None and claimed.lease_token and store.complete(job.id, claimed.lease_token, [], 1)

@@ -186,23 +186,10 @@ def test_dynamic_batching_runs_compatible_jobs_in_one_call(tmp_path: Any) -> Non
 
 
 def test_run_states_never_weaken_and_settle_once() -> None:
-    from server.jobs.contract import Job, JobParams
+    from benchmarks.jobs import store_job
 
-    job = Job(
-        id="j",
-        model="m",
-        variant="edit",
-        status=Status.PROCESSING,
-        input={},
-        params=JobParams(prompt="x", images=(), seed=1, num_inference_steps=2, true_cfg_scale=1.0),
-        base_url="",
-        output_format="png",
-        base64_output=False,
-        seed=1,
-        max_attempts=3,
-        created_at=0,
-        updated_at=0,
-        lease_token="t",
+    job = store_job(
+        id="j", model="m", status=Status.PROCESSING, input={}, base_url="", created_at=0, updated_at=0, lease_token="t"
     )
     run = Run(job=job, total=2)
     assert not run.stopping
