@@ -59,7 +59,7 @@ class CFGPair:
         self._encode = pipe.encode_prompt
         self._encoded: deque[Any] = deque(maxlen=2)
         self._stash: tuple[Any, Any, Any] | None = None  # (latents, negative embeds, uncond prediction)
-        self.hook = _CFGPairHook(self)
+        self.hook = OwnerForward(self)
 
     @classmethod
     def installed(cls, pipe: Any) -> Any:
@@ -122,10 +122,11 @@ class CFGPair:
         return (sample,)
 
 
-class _CFGPairHook(model_hook_base()):  # type: ignore[misc]
-    """The transformer side of a CFGPair, in diffusers' hook registry."""
+class OwnerForward(model_hook_base()):  # type: ignore[misc]
+    """A diffusers ``ModelHook`` whose forward is its owner's: ``owner.forward(original_forward,
+    *args, **kwargs)`` (a CFGPair here, parallel.py's SequencePadding), in the model's registry."""
 
-    def __init__(self, owner: CFGPair) -> None:
+    def __init__(self, owner: Any) -> None:
         super().__init__()
         self.owner = owner
 

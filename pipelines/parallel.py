@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from pipelines.hooks import model_hook_base
+from pipelines.hooks import OwnerForward
 from pipelines.layout import Layout, LayoutError
 
 log = structlog.get_logger(__name__)
@@ -179,7 +179,7 @@ class SequencePadding:
 
     def __init__(self, degree: int) -> None:
         self.degree = degree
-        self.hook = _SequencePaddingHook(self)
+        self.hook = OwnerForward(self)
 
     @classmethod
     def install(cls, transformer: Any, degree: int) -> SequencePadding:
@@ -209,12 +209,3 @@ class SequencePadding:
             text, mask = pad_text(text, kwargs.get("encoder_hidden_states_mask"), length)
             kwargs = dict(kwargs, encoder_hidden_states=text, encoder_hidden_states_mask=mask)
         return forward(**kwargs)
-
-
-class _SequencePaddingHook(model_hook_base()):  # type: ignore[misc]
-    def __init__(self, owner: SequencePadding) -> None:
-        super().__init__()
-        self.owner = owner
-
-    def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
-        return self.owner.forward(self.fn_ref.original_forward, *args, **kwargs)
