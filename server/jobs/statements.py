@@ -74,17 +74,25 @@ BEGIN = (
     .returning(jobs.c.attempts, jobs.c.started_at, jobs.c.cancel_requested, jobs.c.created_at)
 )
 
+
+def ended(status: Status, now: Any) -> dict[str, Any]:
+    """A job's values once it ended (``now``: a value or a parameter): no lease, no cancel pending."""
+    return {
+        "status": status,
+        "finished_at": now,
+        "updated_at": now,
+        "lease_token": None,
+        "lease_expires_at": None,
+        "cancel_requested": False,
+    }
+
+
 # A leased job's completion. ``steps`` NULL: every step of the run was done (progress_total).
 COMPLETE = (
     update(jobs)
     .where(*_LEASED)
     .values(
-        status=Status.COMPLETED,
-        finished_at=bindparam("now"),
-        updated_at=bindparam("now"),
-        lease_token=None,
-        lease_expires_at=None,
-        cancel_requested=False,
+        **ended(Status.COMPLETED, bindparam("now")),
         outputs=bindparam("b_outputs", type_=jobs.c.outputs.type),
         inference_ms=bindparam("b_inference_ms"),
         progress_step=func.coalesce(bindparam("steps", type_=jobs.c.progress_total.type), jobs.c.progress_total),
@@ -113,12 +121,7 @@ FAIL = (
     update(jobs)
     .where(*_LEASED)
     .values(
-        status=Status.FAILED,
-        finished_at=bindparam("now"),
-        updated_at=bindparam("now"),
-        lease_token=None,
-        lease_expires_at=None,
-        cancel_requested=False,
+        **ended(Status.FAILED, bindparam("now")),
         error=bindparam("b_error"),
         error_code=bindparam("b_error_code"),
         inference_ms=bindparam("b_inference_ms"),

@@ -403,18 +403,7 @@ class JobStore:
         """End a job (guarded by ``where``) and queue its webhook in the same transaction; the
         ``done`` message to publish once committed, None when ``where`` no longer held."""
         row = conn.execute(
-            update(jobs)
-            .where(where)
-            .values(
-                status=status,
-                finished_at=now,
-                updated_at=now,
-                lease_token=None,
-                lease_expires_at=None,
-                cancel_requested=False,
-                **values,
-            )
-            .returning(jobs.c.webhook_url)
+            update(jobs).where(where).values(**sql.ended(status, now), **values).returning(jobs.c.webhook_url)
         ).first()
         if row is None:
             return None
