@@ -1,8 +1,7 @@
 """The API process's one ``done`` listener (server/api/tasks/fanout.py): every consumer hears of
 every job that ended, except a webhook consumer, which hears only of jobs whose end queued a
 delivery (its outbox claim is a write; woken for every job it ran one beside each sync answer).
-An on-thread consumer (the sync waiter, which reads the finished rows there) is called on the
-listener's own thread.
+Consumers run on the event loop, and each message carries what the job's end wrote.
 Once ``start()`` returned, nothing that ends is missed, even before the listener's first wait (a
 PostgreSQL listener used to LISTEN only then; a local one could bind its socket after the first
 job ended)."""
@@ -20,6 +19,7 @@ import pytest
 
 from benchmarks.scale import template_job
 from server.api.tasks.fanout import DoneFanout
+from server.jobs.contract import Done
 from server.jobs.store import JobStore, new_id
 from server.settings import Settings
 from tests.support import fresh_database
@@ -42,17 +42,18 @@ def test_webhook_consumers_hear_only_of_jobs_with_a_webhook(store: JobStore) -> 
     plain = replace(template_job("k"), id=new_id())
     hooked = replace(template_job("k"), id=new_id(), webhook_url="http://127.0.0.1:9/hook")
     failed = replace(template_job("k"), id=new_id(), webhook_url="http://127.0.0.1:9/hook")
-    heard: list[str] = []
+    heard: list[Done] = []
     webhooks: list[str] = []
-    on_thread: list[tuple[str, str]] = []
+    threads: set[str] = set()
+
+    def consumer(dones: list[Done]) -> None:
+        heard.extend(dones)
+        threads.add(threading.current_thread().name)
 
     async def scenario() -> None:
         fanout = DoneFanout(store.notifier)
-        fanout.subscribe(heard.extend)
-        fanout.subscribe(webhooks.extend, webhooks_only=True)
-        fanout.subscribe(
-            lambda ids: on_thread.extend((i, threading.current_thread().name) for i in ids), on_thread=True
-        )
+        fanout.subscribe(consumer)
+        fanout.subscribe(lambda dones: webhooks.extend(d.job_id for d in dones), webhooks_only=True)
         for job in (plain, hooked, failed):
             store.create(job)
         await fanout.start()
@@ -71,6 +72,9 @@ def test_webhook_consumers_hear_only_of_jobs_with_a_webhook(store: JobStore) -> 
             await fanout.stop()
 
     asyncio.run(scenario())
-    assert sorted(heard) == sorted([plain.id, hooked.id, failed.id])
+    assert sorted(d.job_id for d in heard) == sorted([plain.id, hooked.id, failed.id])
     assert sorted(webhooks) == sorted([hooked.id, failed.id])
-    assert sorted(on_thread) == sorted((i, "done-listener") for i in (plain.id, hooked.id, failed.id))
+    assert threads == {"MainThread"}  # on the event loop
+    for done in heard:
+        row = store.get(done.job_id)
+        assert row is not None and done.ending is not None and done.ending.status == row.status

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks.jobs import store_job
 from server.errors import INTERNAL_ERROR
-from server.jobs.contract import Job, Status
+from server.jobs.contract import Done, Job, Status
 from server.jobs.store import JobStore, new_id, now_ms
 from server.settings import Settings
 
@@ -303,6 +303,46 @@ def test_a_heartbeat_renews_the_lease_and_reports_progress_only_when_given(store
     back = store.get(claimed.id)
     assert back is not None and back.attempts == 1 and back.progress_step == 0 and back.lease_owner is None
     assert not store.heartbeat(claimed.id, claimed.lease_token, 300).alive
+
+
+def test_every_end_tells_its_listeners_the_finished_row(store: JobStore) -> None:
+    """The ``done`` message of a completion, a failure, a cancel and a reap carries what the end
+    wrote: applied to the job as created, it is the row read afterwards, so a sync answer needs no
+    read. An ending too big for a message (a long error) is left out: the listener reads the row."""
+    sub = store.notifier.subscribe("done")  # listening from here on
+    try:
+        base = now_ms() - 10_000
+        created = [make_job(store, created_at=base + i, max_attempts=1) for i in range(5)]
+        done_ok, done_failed, done_long, cancelled, reaped = created
+        first = store.claim("w", [VARIANT], 60)
+        assert first is not None and first.id == done_ok.id and first.lease_token
+        assert store.complete(first.id, first.lease_token, ["outputs/a.png", "outputs/b.png"], 123, 2, [False, True])
+        for job, error in ((done_failed, "the edit failed"), (done_long, "x" * 10_000)):
+            claimed = store.claim("w", [VARIANT], 60)
+            assert claimed is not None and claimed.id == job.id and claimed.lease_token
+            assert store.fail(claimed.id, claimed.lease_token, error, INTERNAL_ERROR, 7)
+        assert store.cancel_queued(cancelled.id, "gone")
+        assert store.claim("w", [VARIANT], 60) is not None
+        expire_lease(store, reaped.id)
+        assert store.reap() == 1  # its one attempt spent: it fails
+
+        heard: dict[str, Done] = {}
+        deadline = time.monotonic() + 10
+        while len(heard) < len(created) and time.monotonic() < deadline:
+            for done in map(Done.parse, sub.wait(0.5)):
+                if done is not None and done.job_id in {job.id for job in created}:
+                    heard[done.job_id] = done
+        assert set(heard) == {job.id for job in created}
+        for job in created:
+            row, ending = store.get(job.id), heard[job.id].ending
+            assert row is not None and row.status.terminal
+            if job is done_long:
+                assert ending is None  # the message stays under the notifiers' limit
+                continue
+            assert ending is not None and job.ended(ending) == row
+        assert heard[done_ok.id].ending and heard[done_ok.id].ending.outputs == ["outputs/a.png", "outputs/b.png"]
+    finally:
+        sub.close()
 
 
 def test_release_owned_by_a_previous_life(store: JobStore) -> None:

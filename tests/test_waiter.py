@@ -1,7 +1,7 @@
 """The sync-mode waiter (server/api/tasks/waiter.py): a wait starts without a query of its own; news
 of a job's end that came before its wait is remembered; news that never came is made up for by the
-slow poll, which asks the store about every waiting id in one query. The finished row of a job
-someone waits for is read on the listener's thread with the news, and no second time."""
+slow poll, which asks the store about every waiting id in one query. News that carries what the
+job's end wrote answers the wait without a read; news without it costs one."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import threading
 from types import SimpleNamespace
 from typing import Any
 
+from benchmarks.jobs import store_job
 from server.api.tasks.waiter import REMEMBERED, CompletionWaiter
+from server.jobs.contract import Done, Ending, Status
 
 
 class Store:
@@ -83,24 +85,40 @@ def test_what_it_remembers_is_bounded() -> None:
     assert len(w._ended) == REMEMBERED and "job0" not in w._ended
 
 
-def test_the_row_is_read_once_on_the_listener_thread_and_handed_over() -> None:
+def test_news_with_the_ending_answers_without_a_read_and_news_without_it_reads_once() -> None:
     store = Store()
     w = waiter(store)
+    job = store_job(id="d")
+    end = Ending(
+        status=Status.COMPLETED,
+        outputs=["outputs/d/0.png"],
+        error="",
+        error_code=None,
+        inference_ms=42,
+        nsfw=None,
+        attempts=1,
+        progress_step=2,
+        progress_total=2,
+        started_at=job.created_at + 1,
+        finished_at=job.created_at + 50,
+        updated_at=job.created_at + 50,
+        lease_token=None,
+        lease_owner="w",
+        lease_expires_at=None,
+        cancel_requested=False,
+    )
 
-    async def scenario() -> Any:
-        w.start()
-        try:
-            waiting = asyncio.ensure_future(w.outcome("d", timeout=30))
-            await asyncio.sleep(0)
-            # The listener thread hears of "d" (waited for) and "e" (nobody waits: no read).
-            listener = threading.Thread(target=w.heard, args=(["d", "e"],), name="done-listener")
-            listener.start()
-            row = await waiting
-            listener.join()
-            return row, await w.wait("e", timeout=0.05)  # remembered: no wait, no read
-        finally:
-            await w.stop()
+    async def scenario() -> tuple[Any, Any]:
+        waiting = asyncio.ensure_future(w.outcome(job, timeout=30))
+        await asyncio.sleep(0)
+        w.heard([Done("d", ending=end), Done("e")])  # "e": nobody waits for it
+        told = await waiting
+        # An older worker's news (no ending): the row is read, once.
+        other = asyncio.ensure_future(w.outcome(store_job(id="f"), timeout=30))
+        await asyncio.sleep(0)
+        w.heard([Done("f")])
+        return told, await other
 
-    row, e_ended = asyncio.run(scenario())
-    assert row.id == "d" and row.read_on == "done-listener"
-    assert store.reads == [("d", "done-listener")] and e_ended is True
+    told, read = asyncio.run(scenario())
+    assert told == job.ended(end) and told.status == Status.COMPLETED and told.outputs == ["outputs/d/0.png"]
+    assert read.id == "f" and [job_id for job_id, _ in store.reads] == ["f"]

@@ -119,7 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             guard=NetGuard.from_entries(settings.fetch_allow),
         )
         fanout = DoneFanout(store.notifier)
-        fanout.subscribe(svc.waiter.heard, on_thread=True)
+        fanout.subscribe(svc.waiter.heard)
         fanout.subscribe(dispatcher.wake, webhooks_only=True)
         collector = JobStoreCollector(store)
         app.state.metrics_registry.register(collector)

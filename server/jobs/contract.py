@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from pipelines.registry import Variant
@@ -195,6 +195,100 @@ class Job:
         values["status"] = Status(values["status"])
         values["params"] = JobParams.from_json(values["params"] or {})
         return cls(**values)
+
+    def ended(self, ending: Ending) -> Job:
+        """This job (as created) with what its end wrote: the finished row."""
+        return replace(self, **{f.name: getattr(ending, f.name) for f in fields(Ending)})
+
+
+@dataclass(frozen=True)
+class Ending:
+    """What a job's end wrote on its row: every column that changes after the job is created. With
+    the job as created, it is the finished row, so whoever waits for the job (a sync request) is told
+    the result with the news of the end, instead of reading the row again."""
+
+    status: Status
+    outputs: list[str]
+    error: str
+    error_code: int | None
+    inference_ms: int
+    nsfw: list[bool] | None
+    attempts: int
+    progress_step: int
+    progress_total: int
+    started_at: int | None
+    finished_at: int | None
+    updated_at: int
+    lease_token: str | None
+    lease_owner: str | None
+    lease_expires_at: int | None
+    cancel_requested: bool
+
+    @classmethod
+    def columns(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_row(cls, row: Any) -> Ending:
+        values = {name: row._mapping[name] for name in cls.columns()}
+        values["status"] = Status(values["status"])
+        values["cancel_requested"] = bool(values["cancel_requested"])
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.columns()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Ending:
+        values = {name: data[name] for name in cls.columns()}  # KeyError: not an ending
+        values["status"] = Status(values["status"])
+        if not values["status"].terminal:
+            raise ValueError(f"an ending cannot be {values['status']}")
+        return cls(**values)
+
+
+# PostgreSQL refuses a NOTIFY payload of 8000 bytes or more; both notifiers carry at most this.
+MAX_MESSAGE_BYTES = 7900
+
+
+@dataclass(frozen=True)
+class Done:
+    """The ``done`` message (a job ended), from whoever ended it to every API process: the job's id,
+    whether its end queued a webhook delivery (the webhook dispatchers wake for those only: their
+    outbox claim is a write), and its ``Ending`` where the message has room for it (an error message
+    of several kilobytes may not): without one, a listener reads the row."""
+
+    job_id: str
+    webhook: bool = False
+    ending: Ending | None = None
+
+    def message(self) -> str:
+        body: dict[str, Any] = {"id": self.job_id, "webhook": self.webhook}
+        if self.ending is not None:
+            full = json.dumps({**body, "ending": self.ending.to_json()}, separators=(",", ":"))
+            if len(full.encode()) <= MAX_MESSAGE_BYTES:
+                return full
+        return json.dumps(body, separators=(",", ":"))
+
+    @classmethod
+    def parse(cls, payload: str) -> Done | None:
+        """A message as sent; None for what is not one (a bare wake-up, a stray datagram). Older
+        releases sent the id alone, with " webhook" after it when a delivery was due: still read."""
+        if not payload.startswith("{"):
+            job_id, _, due = payload.partition(" ")
+            return cls(job_id, webhook=due == "webhook") if job_id else None
+        try:
+            body = json.loads(payload)
+            job_id = body["id"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        ending = None
+        if isinstance(body.get("ending"), dict):
+            try:
+                ending = Ending.from_json(body["ending"])
+            except (ValueError, KeyError, TypeError):
+                ending = None  # the listener reads the row
+        return cls(str(job_id), webhook=bool(body.get("webhook")), ending=ending)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Wake-ups between processes, so that nobody busy-polls the database.
 
 Two channels: ``jobs`` (a job was queued: workers, wake up) and ``done`` (a job ended; the payload
-is its id: sync-mode waiters and the webhook dispatcher, wake up). A notification is only a hint:
-every waiter also polls at a slow interval, so a lost one costs latency, never a job.
+is its id and what its end wrote: sync-mode waiters and the webhook dispatcher, wake up). A
+notification is only a hint: every waiter also polls at a slow interval, so a lost one costs
+latency, never a job.
 
 - ``LocalNotifier``: processes on one machine (the embedded SQLite default). Each subscriber binds a
   Unix datagram socket in ``run_dir/<channel>/``; publishing sends one datagram to each, except on
@@ -40,25 +41,13 @@ from typing import Any, Protocol
 
 import structlog
 
+from server.jobs.contract import MAX_MESSAGE_BYTES
+
 log = structlog.get_logger(__name__)
 
-CHANNELS = ("jobs", "done")
-# A ``done`` message is the job's id, with this suffix when its end queued a webhook delivery: the
-# webhook dispatchers of every API process wake for those only (an outbox claim is a write).
-WEBHOOK_DUE = " webhook"
+CHANNELS = ("jobs", "done")  # a ``done`` message is server/jobs/contract.py's ``Done``
 WAKE_ONE = frozenset({"jobs"})  # channels where one waiter per message is enough (given a topic)
 _TOPIC = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-def done_message(job_id: str, *, webhook: bool) -> str:
-    return job_id + WEBHOOK_DUE if webhook else job_id
-
-
-def parse_done(payload: str) -> tuple[str, bool]:
-    """A ``done`` message's job id, and whether a webhook delivery was queued."""
-    if payload.endswith(WEBHOOK_DUE):
-        return payload.removesuffix(WEBHOOK_DUE), True
-    return payload, False
 
 
 class Subscription(Protocol):
@@ -129,7 +118,7 @@ class LocalNotifier:
             entries = list(folder.iterdir())
         except FileNotFoundError:
             return
-        data = payload.encode()[:1024]
+        data = payload.encode()[:MAX_MESSAGE_BYTES]
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.setblocking(False)
             if channel in WAKE_ONE and _TOPIC.match(payload):
@@ -204,7 +193,7 @@ class _LocalSubscription:
         payloads: list[str] = []
         while readable:
             try:
-                payloads.append(self.sock.recv(1024).decode(errors="replace"))
+                payloads.append(self.sock.recv(MAX_MESSAGE_BYTES).decode(errors="replace"))
             except (BlockingIOError, OSError):
                 break
         return payloads

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, func, insert, select, update
 
-from server.jobs.contract import Status
+from server.jobs.contract import Ending, Status
 from server.jobs.models import QUEUED, jobs
 
 # Parameter names are never column names: SQLAlchemy keeps those for an UPDATE's own SET values.
@@ -87,6 +87,11 @@ def ended(status: Status, now: Any) -> dict[str, Any]:
     }
 
 
+# What a statement that ends a job returns: its webhook URL (a delivery is due if it has one) and
+# what the end wrote (``Ending``: the ``done`` message carries it to whoever waits for the job).
+ENDED_RETURNING = (jobs.c.webhook_url, *(jobs.c[name] for name in Ending.columns()))
+
+
 # A leased job's completion. ``steps`` NULL: every step of the run was done (progress_total).
 COMPLETE = (
     update(jobs)
@@ -99,7 +104,7 @@ COMPLETE = (
         progress_total=func.coalesce(bindparam("steps", type_=jobs.c.progress_total.type), jobs.c.progress_total),
         nsfw=bindparam("b_nsfw", type_=jobs.c.nsfw.type),
     )
-    .returning(jobs.c.webhook_url)
+    .returning(*ENDED_RETURNING)
 )
 
 # The lease's renewal, with the progress where the run reports one (NULL: unchanged); it answers
@@ -116,7 +121,7 @@ HEARTBEAT = (
     .returning(jobs.c.cancel_requested)
 )
 
-# A leased job's failure (its webhook URL returned: a delivery is due if it has one).
+# A leased job's failure.
 FAIL = (
     update(jobs)
     .where(*_LEASED)
@@ -126,7 +131,7 @@ FAIL = (
         error_code=bindparam("b_error_code"),
         inference_ms=bindparam("b_inference_ms"),
     )
-    .returning(jobs.c.webhook_url)
+    .returning(*ENDED_RETURNING)
 )
 
 

@@ -27,11 +27,11 @@ from sqlalchemy import Connection, func, select, text, update
 from server.errors import INTERNAL_ERROR, TASK_FAILED
 from server.jobs import statements as sql
 from server.jobs import stats
-from server.jobs.contract import IN_FLIGHT, TERMINAL, Job, Status
+from server.jobs.contract import IN_FLIGHT, TERMINAL, Done, Ending, Job, Status
 from server.jobs.db import Database
 from server.jobs.history import History, Scope
 from server.jobs.models import IN_FLIGHT_ROWS, jobs
-from server.jobs.notify import Notifier, done_message
+from server.jobs.notify import Notifier
 from server.jobs.outbox import WebhookOutbox
 from server.jobs.registry import WorkerRegistry
 from server.jobs.retention import Retention
@@ -336,7 +336,7 @@ class JobStore:
         with self.db.write() as conn:
             now = now_ms()
             row = conn.execute(sql.COMPLETE, {**params, "steps": steps, "b_nsfw": nsfw, "now": now}).first()
-            done = None if row is None else self._ended(conn, job_id, Status.COMPLETED, row[0], now, inference_ms)
+            done = None if row is None else self._ended(conn, job_id, row, now)
         if done:
             self.db.publish("done", done)
         return done is not None
@@ -346,7 +346,7 @@ class JobStore:
         with self.db.write() as conn:
             now = now_ms()
             row = conn.execute(sql.FAIL, {**params, "b_inference_ms": inference_ms, "now": now}).first()
-            done = None if row is None else self._ended(conn, job_id, Status.FAILED, row[0], now, inference_ms)
+            done = None if row is None else self._ended(conn, job_id, row, now)
         if done:
             self.db.publish("done", done)
         return done is not None
@@ -403,19 +403,19 @@ class JobStore:
         """End a job (guarded by ``where``) and queue its webhook in the same transaction; the
         ``done`` message to publish once committed, None when ``where`` no longer held."""
         row = conn.execute(
-            update(jobs).where(where).values(**sql.ended(status, now), **values).returning(jobs.c.webhook_url)
+            update(jobs).where(where).values(**sql.ended(status, now), **values).returning(*sql.ENDED_RETURNING)
         ).first()
         if row is None:
             return None
-        return self._ended(conn, job_id, status, row[0], now, int(values.get("inference_ms") or 0))
+        return self._ended(conn, job_id, row, now)
 
-    def _ended(
-        self, conn: Connection, job_id: str, status: Status, webhook: str | None, now: int, inference_ms: int
-    ) -> str:
-        """What ends a job besides its row, in the same transaction: its counters, its webhook
-        delivery; the ``done`` message to publish once committed."""
-        if status == Status.COMPLETED:
-            stats.add(conn, stats.observations(stats.INFERENCE, [inference_ms]))
-        if webhook:
-            self.outbox.enqueue(conn, job_id, webhook, now)
-        return done_message(job_id, webhook=bool(webhook))
+    def _ended(self, conn: Connection, job_id: str, row: Any, now: int) -> str:
+        """What ends a job besides its row (``row``: what the ending statement returned), in the
+        same transaction: its counters, its webhook delivery; the ``done`` message to publish once
+        committed, with what the end wrote."""
+        ending = Ending.from_row(row)
+        if ending.status == Status.COMPLETED:
+            stats.add(conn, stats.observations(stats.INFERENCE, [ending.inference_ms]))
+        if row.webhook_url:
+            self.outbox.enqueue(conn, job_id, row.webhook_url, now)
+        return Done(job_id, webhook=bool(row.webhook_url), ending=ending).message()

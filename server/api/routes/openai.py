@@ -129,7 +129,7 @@ NO_RETRY = {"x-should-retry": "false"}
 
 async def _finish(job: Job, svc: Services) -> Job:
     timeout = svc.settings.sync_timeout_s
-    current = await svc.waiter.outcome(job.id, timeout)
+    current = await svc.waiter.outcome(job, timeout)
     if not current.status.terminal:
         raise GatewayTimeout(
             f"The edit did not finish within {timeout:g} seconds; it goes on as prediction {job.id} "

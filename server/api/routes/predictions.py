@@ -53,7 +53,7 @@ def _make_submit_route(model: str):  # type: ignore[no-untyped-def]
         if not body.enable_sync_mode:
             return envelope(await svc.renderer.render(job, origin.base))
         timeout = svc.settings.sync_timeout_s
-        current = await hold(request, svc.store, [job.id], svc.waiter.outcome(job.id, timeout))
+        current = await hold(request, svc.store, [job.id], svc.waiter.outcome(job, timeout))
         data = await svc.renderer.render(current, origin.base)
         return envelope(data if current.status.terminal else svc.renderer.sync_timed_out(data, timeout))
 

@@ -1,7 +1,8 @@
 """One listener on the ``done`` channel per API process, feeding every consumer of "a job ended"
-(the sync-mode waiter, the webhook dispatcher): one thread, one LISTEN connection on PostgreSQL.
-A webhook consumer hears only of the jobs whose end queued a delivery: its outbox claim is a write,
-and waking it for every job would put that write beside each sync answer's read."""
+(the sync-mode waiter, the webhook dispatcher) on the event loop: one thread, one LISTEN
+connection on PostgreSQL. A webhook consumer hears only of the jobs whose end queued a delivery:
+its outbox claim is a write, and waking it for every job would put that write beside each sync
+answer."""
 
 from __future__ import annotations
 
@@ -12,31 +13,25 @@ from collections.abc import Callable
 import structlog
 from starlette.concurrency import run_in_threadpool
 
-from server.jobs.notify import Notifier, Subscription, parse_done
+from server.jobs.contract import Done
+from server.jobs.notify import Notifier, Subscription
 
 log = structlog.get_logger(__name__)
 
-Consumer = Callable[[list[str]], None]  # called with the ids that ended
+Consumer = Callable[[list[Done]], None]  # called on the event loop with the jobs that ended
 
 
 class DoneFanout:
     def __init__(self, notifier: Notifier) -> None:
         self.notifier = notifier
-        self._consumers: list[tuple[Consumer, bool]] = []  # (consumer, webhooks only), on the event loop
-        self._on_thread: list[Consumer] = []  # on the listener thread
+        self._consumers: list[tuple[Consumer, bool]] = []  # (consumer, webhooks only)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sub: Subscription | None = None
 
-    def subscribe(self, consumer: Consumer, *, webhooks_only: bool = False, on_thread: bool = False) -> None:
-        """``on_thread``: called on the listener thread, not the event loop (a consumer that does
-        blocking work, such as reading rows, before it needs the loop: one hop instead of three)."""
-        if on_thread:
-            assert not webhooks_only, "an on-thread consumer hears of every job"
-            self._on_thread.append(consumer)
-        else:
-            self._consumers.append((consumer, webhooks_only))
+    def subscribe(self, consumer: Consumer, *, webhooks_only: bool = False) -> None:
+        self._consumers.append((consumer, webhooks_only))
 
     async def start(self) -> None:
         """Returns once listening: a job that ends after this is heard of (its end can come before
@@ -58,21 +53,18 @@ class DoneFanout:
         assert sub is not None  # made by start()
         try:
             while not self._stop.is_set():
-                ended = [parse_done(payload) for payload in sub.wait(0.5) if payload]  # "": a wake()
-                if not ended:
-                    continue
-                for consumer in self._on_thread:
-                    try:
-                        consumer([job_id for job_id, _ in ended])
-                    except Exception:  # the others, and the next messages, are still delivered
-                        log.exception("done consumer failed", consumer=repr(consumer))
-                if self._loop is not None:
+                ended = [done for done in map(Done.parse, sub.wait(0.5)) if done is not None]  # "": a wake()
+                if ended and self._loop is not None:
                     self._loop.call_soon_threadsafe(self._deliver, ended)
         finally:
             sub.close()
 
-    def _deliver(self, ended: list[tuple[str, bool]]) -> None:
+    def _deliver(self, ended: list[Done]) -> None:
         for consumer, webhooks_only in self._consumers:
-            ids = [job_id for job_id, webhook in ended if webhook or not webhooks_only]
-            if ids:
-                consumer(ids)
+            dones = [done for done in ended if done.webhook or not webhooks_only]
+            if not dones:
+                continue
+            try:
+                consumer(dones)
+            except Exception:  # the others, and the next messages, are still delivered
+                log.exception("done consumer failed", consumer=repr(consumer))

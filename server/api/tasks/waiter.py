@@ -4,11 +4,11 @@ The ``done`` fan-out wakes the waiters named in each notification; one slow poll
 notifications that never came (another machine, a restart), checking all waiting ids in one query.
 A wait starts without a query of its own: the jobs waited for were created by this process a moment
 before, and one that ended since was heard of (the ids heard lately are remembered) or is found by
-the next slow poll. On a sync request that saves a trip to a thread and the database.
+the next slow poll.
 
-The finished row of a job someone waits for is read on the listener's thread, as the news arrives
-(``heard``), and handed to the waiting request with it: the request goes from the event loop to a
-pool thread and back once less, on the path every sync answer takes.
+A ``done`` message carries what the job's end wrote (``Ending``): applied to the job as the request
+created it, that is the finished row, so a sync answer needs no read of the store after the news.
+Only news without one (a message too big for it, an older worker, the slow poll) costs that read.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.tasks.base import Background
 from server.errors import StoreUnavailable
-from server.jobs.contract import Job
+from server.jobs.contract import Done, Ending, Job
 from server.jobs.store import JobStore
 
 log = structlog.get_logger(__name__)
@@ -34,37 +34,23 @@ class CompletionWaiter(Background):
         super().__init__()
         self.store = store
         self.poll_s = poll_s
-        # Each waiting request's future: the finished row when it was read with the news, else None.
-        self._waiters: dict[str, list[asyncio.Future[Job | None]]] = {}
+        # Each waiting request's future: what the job's end wrote, when the news carried it, else None.
+        self._waiters: dict[str, list[asyncio.Future[Ending | None]]] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()
-        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        super().start()
+    def heard(self, dones: list[Done]) -> None:
+        """A fan-out consumer (on the event loop): these jobs ended."""
+        self.wake([done.job_id for done in dones], {done.job_id: done.ending for done in dones if done.ending})
 
-    def heard(self, ids: list[str]) -> None:
-        """A fan-out consumer on the listener's thread: read the rows of the jobs waited for, then
-        wake their waiters on the loop with them. (``in`` on the dict the loop changes is safe under
-        the GIL; a waiter that comes or goes meanwhile costs a read, never a wrong answer.)"""
-        wanted = [job_id for job_id in ids if job_id in self._waiters]
-        rows: dict[str, Job] = {}
-        try:
-            rows = {job.id: job for job in map(self.store.get, wanted) if job is not None}
-        except StoreUnavailable as exc:  # each waiter reads its row itself
-            log.warning("reading finished jobs failed", error=str(exc))
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self.wake, ids, rows)
-
-    def wake(self, ids: list[str], rows: dict[str, Job] | None = None) -> None:
-        """On the event loop: these jobs ended (``rows``: the finished rows read with the news)."""
+    def wake(self, ids: list[str], endings: dict[str, Ending] | None = None) -> None:
+        """On the event loop: these jobs ended (``endings``: what their ends wrote, where known)."""
         for job_id in ids:
             self._ended[job_id] = None
             if len(self._ended) > REMEMBERED:
                 self._ended.popitem(last=False)
             for fut in self._waiters.pop(job_id, []):
                 if not fut.done():
-                    fut.set_result((rows or {}).get(job_id))
+                    fut.set_result((endings or {}).get(job_id))
 
     async def run(self) -> None:
         """The slow poll, for the notifications that never came."""
@@ -84,11 +70,11 @@ class CompletionWaiter(Background):
         ended, _ = await self._wait(job_id, timeout)
         return ended
 
-    async def _wait(self, job_id: str, timeout: float) -> tuple[bool, Job | None]:
-        """Whether the job ended in time, and its finished row when it came with the news."""
+    async def _wait(self, job_id: str, timeout: float) -> tuple[bool, Ending | None]:
+        """Whether the job ended in time, and what its end wrote when that came with the news."""
         if job_id in self._ended:
             return True, None
-        fut: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Ending | None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, []).append(fut)
         try:
             return True, await asyncio.wait_for(fut, timeout)
@@ -101,10 +87,13 @@ class CompletionWaiter(Background):
                 if not futures:
                     self._waiters.pop(job_id, None)
 
-    async def outcome(self, job_id: str, timeout: float) -> Job:
-        """The job once it ended, or as it stands when ``timeout`` ran out (sync mode)."""
-        _, current = await self._wait(job_id, timeout)
-        if current is None:  # timed out, ended before the wait, or heard of by the slow poll
-            current = await run_in_threadpool(self.store.get, job_id)
+    async def outcome(self, job: Job, timeout: float) -> Job:
+        """``job`` (as this process created it) once it ended, or as it stands when ``timeout`` ran
+        out (sync mode)."""
+        _, ending = await self._wait(job.id, timeout)
+        if ending is not None:
+            return job.ended(ending)
+        # Timed out, ended before the wait, or heard of without its ending: the row says.
+        current = await run_in_threadpool(self.store.get, job.id)
         assert current is not None  # an accepted job is never deleted before it ends
         return current

@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from server.api.render import Renderer
 from server.api.tasks.base import Background
 from server.errors import StoreUnavailable, first_line
+from server.jobs.contract import Done
 from server.jobs.outbox import Delivery
 from server.jobs.store import JobStore, now_ms
 from server.media.netguard import BlockedDestination, InvalidURL, NetGuard, guarded_async_client
@@ -76,7 +77,7 @@ class WebhookDispatcher(Background):
         self.first_retry_s = first_retry_s
         self._wake = asyncio.Event()
 
-    def wake(self, _ids: list[str] | None = None) -> None:
+    def wake(self, _dones: list[Done] | None = None) -> None:
         """A fan-out consumer: some job ended, a delivery may be due."""
         self._wake.set()
 
