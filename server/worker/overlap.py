@@ -6,7 +6,9 @@ Three kinds of thread, one concern each:
                its inputs, and leaves it in a one-place hand-off; reaps expired leases meanwhile
     pipeline   the worker's own thread: takes the next loaded job, begins it, runs the pipeline,
                hands the images to the output threads and takes the next one at once
-    outputs    run the output steps (a safety checker...), encode and store the images, settle the job
+    outputs    run the output steps (a safety checker...), encode and store the images, settle the job;
+               the pipeline thread does it itself when nothing waits for it and that is quick
+               (measured): then the hand-off would cost the job more than it saves
 
 A job claimed ahead spends its attempt only when it begins (``JobStore.begin``, written by the
 prefetch thread once the job in the pipeline is in its last step, so that the pipeline thread never
@@ -40,6 +42,9 @@ log = structlog.get_logger(__name__)
 
 # Claim ahead when the current job has at most this long left, plus twice the measured load time.
 LEAD_S = 0.5
+# Finish a run on the pipeline thread when no job is ahead and finishing takes at most this long (on
+# average, measured): a job that comes meanwhile waits for the pipeline that long at most.
+INLINE_FINISH_S = 0.02
 
 
 class Average:
@@ -92,14 +97,15 @@ class Overlap:
         self.step_s = Average()  # pipeline seconds per step, whole call over its steps
         self.since = 0.0  # when the current job entered the pipeline (perf_counter)
         self.load_s = Average()  # claim + fetch + decode seconds
+        self.finish_s = Average()  # output steps + encode + store + settle seconds, per run
         self.beginning = False  # the prefetch thread is beginning the job ahead: the pipeline waits for it
         self._cond = threading.Condition()  # guards current, ahead, beginning; notified when one changes
         self._woken: list[str] = []  # what the prefetch thread's last wait for jobs returned
+        self._outputs = OutputThreads(worker.settings.worker_output_threads, executor.job_errors)
 
     def run(self) -> None:
         """Serve until the worker stops; then hand back what was claimed ahead and store every output."""
-        outputs = OutputThreads(self.worker.settings.worker_output_threads, self.executor.job_errors)
-        self.executor.finish = outputs
+        self.executor.finish = self._finish
         prefetch = threading.Thread(target=self._prefetch, name="prefetch", daemon=True)
         prefetch.start()
         try:
@@ -110,7 +116,7 @@ class Overlap:
             self.sub.wake()
             prefetch.join()
             self._return_ahead()
-            outputs.close()
+            self._outputs.close()
             self.executor.finish = self.executor.inline
 
     # --- the pipeline thread -------------------------------------------------------------
@@ -139,6 +145,25 @@ class Overlap:
             with self._cond:
                 self.current = None
                 self._cond.notify_all()
+
+    def _finish(self, run: Run, store_result: Callable[[], None]) -> None:
+        """A finished run to the output threads, or, when no job is ahead and finishing is known to
+        be quick, settled right here: on an idle worker that hand-off was a thread wake-up on the
+        path of every answer (and the job's output then shared the cores with the pipeline thread's
+        own bookkeeping)."""
+
+        def timed() -> None:
+            started = time.perf_counter()
+            store_result()
+            self.finish_s.add(time.perf_counter() - started)
+
+        with self._cond:
+            quick = self.finish_s.value is not None and self.finish_s.value <= INLINE_FINISH_S
+            inline = quick and self.ahead is None and not self.beginning
+        if inline:
+            self.executor.inline(run, timed)
+        else:
+            self._outputs(run, timed)
 
     # --- the prefetch thread -------------------------------------------------------------
 
