@@ -139,7 +139,9 @@ def test_counters_follow_every_move_of_a_job(store: JobStore) -> None:
     assert store.count_by_status() == actual_counts(store)
     counters = store.counters()
     # Three starts (the claim, the begin of the one claimed ahead, the reaped one's), one completion.
-    assert counters["queue_wait.count"] == 4
+    assert counters["queue_wait.count"] == 4  # the claim ahead was no start: its begin was
+    assert sum(v for name, v in counters.items() if name.startswith("queue_wait.le.")) == 4
+    assert 0 <= counters["queue_wait.sum_ms"] <= 4 * (now_ms() - made[0].created_at)
     assert counters["inference.count"] == 1 and counters["inference.sum_ms"] == 1200
     assert counters["inference.le.2500"] == 1
 

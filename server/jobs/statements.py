@@ -71,7 +71,7 @@ BEGIN = (
     update(jobs)
     .where(*_LEASED)
     .values(attempts=jobs.c.attempts + 1, started_at=bindparam("now"), updated_at=bindparam("now"))
-    .returning(jobs.c.attempts, jobs.c.started_at, jobs.c.cancel_requested, jobs.c.created_at)
+    .returning(jobs.c.attempts, jobs.c.started_at, jobs.c.cancel_requested)
 )
 
 

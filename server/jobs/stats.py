@@ -5,8 +5,9 @@ handful of rows instead of counting millions of job rows.
   statement that inserts, moves or deletes a job, whichever code path does it (claims, reaps,
   retention, history deletes), so they can never drift from the rows.
 * ``<histogram>.count|sum_ms|le.<bound ms>|le.inf``: the queue-wait and inference histograms,
-  one (non-cumulative) bucket per observation, added here in the transaction that starts or ends
-  the job. They only grow: retention deleting jobs no longer reads as a counter reset.
+  one (non-cumulative) bucket per observation, added by triggers too (migration 0007) in the
+  statement that starts or completes the job. They only grow: retention deleting jobs no longer
+  reads as a counter reset.
 
 SQLite updates the totals (``job_stats``) in place: its writers are serialised anyway. PostgreSQL
 appends to ``job_stat_deltas`` instead: concurrent submits, claims and completions never wait on one
@@ -16,17 +17,17 @@ the deltas into the totals. Readers sum both in one statement, so they see one s
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, bindparam, func, insert, select, text, union_all
-from sqlalchemy.dialects import sqlite
 
 from server.jobs.models import job_stat_deltas, job_stats
 
 # Histogram bucket bounds (ms): the Prometheus buckets of qwen_edit_queue_wait_seconds and
 # qwen_edit_inference_seconds. A counter is named by its bound, so changing them later only starts
-# new counters.
+# new counters; the triggers that observe them (migration 0007) are written with the bounds of the
+# day: a change needs a migration that writes them again.
 BOUNDS_MS: tuple[int, ...] = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 20000, 30000, 60000, 120000, 180000, 300000)
 QUEUE_WAIT = "queue_wait"
 INFERENCE = "inference"
@@ -34,12 +35,6 @@ _FOLD_LOCK = 727003  # PostgreSQL advisory lock id: one fold at a time (two woul
 FOLD_BATCH = 100_000
 
 
-# Built once (server/jobs/statements.py says why): run with one parameter set per counter.
-_SQLITE_ADD = sqlite.insert(job_stats).values(name=bindparam("name"), value=bindparam("delta"))
-_SQLITE_ADD = _SQLITE_ADD.on_conflict_do_update(
-    index_elements=["name"], set_={"value": job_stats.c.value + _SQLITE_ADD.excluded.value}
-)
-_PG_ADD = insert(job_stat_deltas)
 _ONE = {
     "sqlite": select(func.coalesce(func.sum(job_stats.c.value), 0)).where(job_stats.c.name == bindparam("name")),
     # One statement: one snapshot, even if a fold commits meanwhile.
@@ -64,29 +59,6 @@ class Histogram:
     count: int
     sum_ms: int
     cumulative: tuple[int, ...]  # one count per bucket bound, in order
-
-
-def bucket_name(histogram: str, ms: int) -> str:
-    for bound in BOUNDS_MS:
-        if ms <= bound:
-            return f"{histogram}.le.{bound}"
-    return f"{histogram}.le.inf"
-
-
-def observations(histogram: str, values_ms: Sequence[int]) -> dict[str, int]:
-    """The counter changes that observe ``values_ms`` in ``histogram``."""
-    deltas: dict[str, int] = {}
-    for ms in values_ms:
-        for name, d in ((f"{histogram}.count", 1), (f"{histogram}.sum_ms", ms), (bucket_name(histogram, ms), 1)):
-            deltas[name] = deltas.get(name, 0) + d
-    return deltas
-
-
-def add(conn: Connection, deltas: Mapping[str, int]) -> None:
-    """Add ``deltas`` to the counters, inside the caller's transaction."""
-    rows = [{"name": name, "delta": d} for name, d in deltas.items() if d]
-    if rows:
-        conn.execute(_PG_ADD if conn.dialect.name == "postgresql" else _SQLITE_ADD, rows)
 
 
 def read(conn: Connection, prefix: str = "") -> dict[str, int]:
@@ -150,7 +122,8 @@ def rebuild(conn: Connection) -> None:
             conn.execute(insert(job_stats).values(name=f"jobs.{status}", value=0))
 
 
-def _bucket_case(expr: str, histogram: str) -> str:
+def bucket_case(expr: str, histogram: str) -> str:
+    """SQL naming the bucket counter of ``expr`` (ms) in ``histogram``."""
     whens = " ".join(f"WHEN {expr} <= {b} THEN '{histogram}.le.{b}'" for b in BOUNDS_MS)
     return f"CASE {whens} ELSE '{histogram}.le.inf' END"
 
@@ -161,7 +134,7 @@ def _histogram_backfill(histogram: str, expr: str, where: str) -> list[str]:
         f"INSERT INTO job_stats (name, value) SELECT '{histogram}.sum_ms', coalesce(sum({expr}), 0) "
         f"FROM jobs WHERE {where}",
         f"INSERT INTO job_stats (name, value) SELECT b, count(*) FROM "
-        f"(SELECT {_bucket_case(expr, histogram)} AS b FROM jobs WHERE {where}) AS t GROUP BY b",
+        f"(SELECT {bucket_case(expr, histogram)} AS b FROM jobs WHERE {where}) AS t GROUP BY b",
     ]
 
 

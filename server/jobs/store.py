@@ -261,8 +261,6 @@ class JobStore:
         now = now_ms()
         with self.db.write() as conn:
             row = conn.execute(sql.BEGIN, {"job_id": job_id, "token": token, "now": now}).first()
-            if row is not None:
-                stats.add(conn, stats.observations(stats.QUEUE_WAIT, [now - int(row[3])]))
         return Begun(int(row[0]), int(row[1]), bool(row[2])) if row else None
 
     def claim_compatible(
@@ -302,8 +300,6 @@ class JobStore:
         }
         with self.db.write() as conn:
             claimed = [Job.from_row(row) for row in conn.execute(sql.CLAIM[kind, spend_attempt], params).all()]
-            if spend_attempt:  # it starts now (one claimed ahead starts at begin())
-                stats.add(conn, stats.observations(stats.QUEUE_WAIT, [now - job.created_at for job in claimed]))
         claimed.sort(key=lambda job: (-job.priority, job.created_at, job.id))
         return claimed
 
@@ -411,11 +407,9 @@ class JobStore:
 
     def _ended(self, conn: Connection, job_id: str, row: Any, now: int) -> str:
         """What ends a job besides its row (``row``: what the ending statement returned), in the
-        same transaction: its counters, its webhook delivery; the ``done`` message to publish once
-        committed, with what the end wrote."""
+        same transaction: its webhook delivery (its counters: the triggers of migrations 0005 and
+        0007); the ``done`` message to publish once committed, with what the end wrote."""
         ending = Ending.from_row(row)
-        if ending.status == Status.COMPLETED:
-            stats.add(conn, stats.observations(stats.INFERENCE, [ending.inference_ms]))
         if row.webhook_url:
             self.outbox.enqueue(conn, job_id, row.webhook_url, now)
         return Done(job_id, webhook=bool(row.webhook_url), ending=ending).message()
