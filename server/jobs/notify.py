@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -63,6 +63,16 @@ class Subscription(Protocol):
         """Make a ``wait`` in another thread return now (to stop its loop without waiting it out)."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Readable(Protocol):
+    """A subscription an event loop can watch itself (a local socket): when its ``fileno`` is
+    readable, ``drain`` returns what came, at once. No thread sits between a message and the loop."""
+
+    def fileno(self) -> int: ...
+
+    def drain(self) -> list[str]: ...
 
 
 class Notifier(Protocol):
@@ -190,13 +200,20 @@ class _LocalSubscription:
             return []
         finally:
             self._mark("busy")
+        return self.drain() if readable else []
+
+    def fileno(self) -> int:
+        """The socket, for an event loop to watch (``Readable``) instead of a thread that waits."""
+        return self.sock.fileno()
+
+    def drain(self) -> list[str]:
+        """The messages already here, without waiting."""
         payloads: list[str] = []
-        while readable:
+        while True:
             try:
                 payloads.append(self.sock.recv(MAX_MESSAGE_BYTES).decode(errors="replace"))
             except (BlockingIOError, OSError):
-                break
-        return payloads
+                return payloads
 
     def wake(self) -> None:
         with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

@@ -1,8 +1,8 @@
 """One listener on the ``done`` channel per API process, feeding every consumer of "a job ended"
-(the sync-mode waiter, the webhook dispatcher) on the event loop: one thread, one LISTEN
-connection on PostgreSQL. A webhook consumer hears only of the jobs whose end queued a delivery:
-its outbox claim is a write, and waking it for every job would put that write beside each sync
-answer."""
+(the sync-mode waiter, the webhook dispatcher) on the event loop: the loop reads a local socket
+itself; PostgreSQL takes one thread and one LISTEN connection. A webhook consumer hears only of
+the jobs whose end queued a delivery: its outbox claim is a write, and waking it for every job
+would put that write beside each sync answer."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import structlog
 from starlette.concurrency import run_in_threadpool
 
 from server.jobs.contract import Done
-from server.jobs.notify import Notifier, Subscription
+from server.jobs.notify import Notifier, Readable, Subscription
 
 log = structlog.get_logger(__name__)
 
@@ -35,18 +35,33 @@ class DoneFanout:
 
     async def start(self) -> None:
         """Returns once listening: a job that ends after this is heard of (its end can come before
-        the thread's first wait; a message sent to nobody is lost)."""
+        the thread's first wait; a message sent to nobody is lost). A local socket (the embedded
+        default) is read by the event loop itself: a thread between it and the loop was one more
+        wake-up on the path of every sync answer."""
         self._loop = asyncio.get_running_loop()
         self._sub = await run_in_threadpool(self.notifier.subscribe, "done")
+        if isinstance(self._sub, Readable):
+            self._loop.add_reader(self._sub.fileno(), self._readable, self._sub)
+            return
         self._thread = threading.Thread(target=self._listen, name="done-listener", daemon=True)
         self._thread.start()
 
     async def stop(self) -> None:
         self._stop.set()
-        if self._sub is not None:
-            self._sub.wake()
-        if self._thread:
-            await run_in_threadpool(self._thread.join, 5)
+        if self._sub is None:
+            return
+        if self._thread is None:  # read by the loop
+            assert self._loop is not None and isinstance(self._sub, Readable)
+            self._loop.remove_reader(self._sub.fileno())
+            self._sub.close()
+            return
+        self._sub.wake()
+        await run_in_threadpool(self._thread.join, 5)
+
+    def _readable(self, sub: Readable) -> None:
+        ended = [done for done in map(Done.parse, sub.drain()) if done is not None]
+        if ended:
+            self._deliver(ended)
 
     def _listen(self) -> None:
         sub = self._sub
