@@ -10,12 +10,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from benchmarks.jobs import store_job
 from server.errors import INVALID_PARAMETER, JobError
 from server.jobs.contract import Job, Status
 from server.jobs.store import JobStore
+from server.worker import overlap
 from tests.support import FakeRunner, ThreadWorker, wait_for, wait_status
 from tests.test_worker import finished, submit
 
@@ -235,3 +237,28 @@ def test_a_job_ahead_whose_input_fails_fails_at_once_and_the_run_goes_on(
     assert failed["status"] == "failed" and failed["code"] == 1402 and "404" in failed["error"]
     assert worker.store.get(missing).attempts == 1  # type: ignore[union-attr]
     assert len(runner.calls) == 1
+
+
+def test_an_idle_worker_finishes_a_quick_run_on_its_own_thread(
+    app_settings: Any, api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finishing a run (output steps, encode, store, settle) goes to an output thread while how
+    long it takes is unknown (the first run); once it is known to be quick, an idle worker (no job
+    ahead) finishes on the pipeline thread: a hand-off would only delay the answer. A worker with a
+    job ahead always hands over (test_the_next_job_runs_while_the_last_one_is_still_being_stored)."""
+    monkeypatch.setattr(overlap, "INLINE_FINISH_S", 60.0)  # "quick" on any machine, however loaded
+    threads: list[str] = []
+
+    def step(job: Job, images: list[Image.Image]) -> list[Image.Image]:
+        threads.append(threading.current_thread().name)
+        return images
+
+    worker = ThreadWorker(app_settings, FakeRunner())
+    worker.worker.output_steps.append(step)
+    worker.start()
+    try:
+        done = [finished(api, submit(api, f"edit {i}", seed=i))["status"] for i in range(3)]
+    finally:
+        worker.stop()
+    assert done == ["completed"] * 3
+    assert threads[0].startswith("outputs") and threads[1:] == [worker.thread.name] * 2
