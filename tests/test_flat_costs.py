@@ -81,6 +81,24 @@ def test_claim_walks_the_queued_jobs_index_in_order(big: JobStore) -> None:
         assert_indexed(big, found, "ix_jobs_claim_batch")
 
 
+def test_the_claim_and_the_reaper_need_no_statistics_on_sqlite(big: JobStore) -> None:
+    """SQLite plans without statistics until ANALYZE runs, and nothing runs it on an embedded store.
+    The claim once took the lease index for its ``status = 'created'`` there, and read and sorted
+    every queued job at each claim (7 ms at 20,000 queued); the lease index covers the running jobs
+    only now (migration 0008), and these plans hold with no statistics at all."""
+    if big.db.is_postgres:
+        pytest.skip("PostgreSQL analyses its tables itself (autovacuum)")
+    with big.db.write() as conn:
+        conn.execute(text("DELETE FROM sqlite_stat1"))
+    big.db.engine.dispose()  # connections read the statistics when they open
+    for found in plans_of(big, lambda: big.claim("w", ["edit"], 30), "ORDER BY"):
+        assert_indexed(big, found, "ix_jobs_claim")
+    for found in plans_of(big, lambda: big.claim_compatible("w", "b", 2, 30), "ORDER BY"):
+        assert_indexed(big, found, "ix_jobs_claim_batch")
+    for found in plans_of(big, big.reap, "lease_expires_at"):
+        assert_indexed(big, found, "ix_jobs_lease")
+
+
 def test_per_key_count_and_queue_cap_touch_only_that_keys_jobs(big: JobStore) -> None:
     found = plans_of(big, lambda: big.in_flight("k7"), "count")
     assert_indexed(big, found[0], "ix_jobs_in_flight")

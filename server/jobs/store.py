@@ -30,7 +30,7 @@ from server.jobs import stats
 from server.jobs.contract import IN_FLIGHT, TERMINAL, Done, Ending, Job, Status
 from server.jobs.db import Database
 from server.jobs.history import History, Scope
-from server.jobs.models import IN_FLIGHT_ROWS, jobs
+from server.jobs.models import IN_FLIGHT_ROWS, RUNNING, jobs
 from server.jobs.notify import Notifier
 from server.jobs.outbox import WebhookOutbox
 from server.jobs.registry import WorkerRegistry
@@ -358,11 +358,11 @@ class JobStore:
 
     def release_owned_by(self, worker_id: str) -> int:
         """At a worker's start-up: whatever its previous life held is not being worked on."""
-        return self._reap((jobs.c.status == Status.PROCESSING) & (jobs.c.lease_owner == worker_id))
+        return self._reap(RUNNING & (jobs.c.lease_owner == worker_id))
 
     def reap(self) -> int:
         """Return jobs whose lease expired (their worker died) to the queue, or fail them at the cap."""
-        return self._reap((jobs.c.status == Status.PROCESSING) & (jobs.c.lease_expires_at < now_ms()))
+        return self._reap(RUNNING & (jobs.c.lease_expires_at < now_ms()))  # ix_jobs_lease
 
     def _reap(self, where: Any) -> int:
         now = now_ms()
