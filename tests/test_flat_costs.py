@@ -85,7 +85,8 @@ def test_the_claim_and_the_reaper_need_no_statistics_on_sqlite(big: JobStore) ->
     """SQLite plans without statistics until ANALYZE runs, and nothing runs it on an embedded store.
     The claim once took the lease index for its ``status = 'created'`` there, and read and sorted
     every queued job at each claim (7 ms at 20,000 queued); the lease index covers the running jobs
-    only now (migration 0008), and these plans hold with no statistics at all."""
+    only now (migration 0008), and these plans (the per-key count's and retention's too) hold with
+    no statistics at all."""
     if big.db.is_postgres:
         pytest.skip("PostgreSQL analyses its tables itself (autovacuum)")
     with big.db.write() as conn:
@@ -97,6 +98,10 @@ def test_the_claim_and_the_reaper_need_no_statistics_on_sqlite(big: JobStore) ->
         assert_indexed(big, found, "ix_jobs_claim_batch")
     for found in plans_of(big, big.reap, "lease_expires_at"):
         assert_indexed(big, found, "ix_jobs_lease")
+    assert_indexed(big, plans_of(big, lambda: big.in_flight("k7"), "count")[0], "ix_jobs_in_flight")
+    cutoff = now_ms() - 10 * seed.DAY_MS
+    for found in plans_of(big, lambda: big.retention.purge_finished(cutoff, 500), "finished_at <"):
+        assert_indexed(big, found, "ix_jobs_finished")
 
 
 def test_per_key_count_and_queue_cap_touch_only_that_keys_jobs(big: JobStore) -> None:
