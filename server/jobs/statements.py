@@ -75,6 +75,11 @@ BEGIN = (
 )
 
 
+def _given_or_kept(param: str, column: Any) -> Any:
+    """``param`` where it is given, else the column's value unchanged (NULL: no change)."""
+    return func.coalesce(bindparam(param, type_=column.type), column)
+
+
 def ended(status: Status, now: Any) -> dict[str, Any]:
     """A job's values once it ended (``now``: a value or a parameter): no lease, no cancel pending."""
     return {
@@ -100,8 +105,8 @@ COMPLETE = (
         **ended(Status.COMPLETED, bindparam("now")),
         outputs=bindparam("b_outputs", type_=jobs.c.outputs.type),
         inference_ms=bindparam("b_inference_ms"),
-        progress_step=func.coalesce(bindparam("steps", type_=jobs.c.progress_total.type), jobs.c.progress_total),
-        progress_total=func.coalesce(bindparam("steps", type_=jobs.c.progress_total.type), jobs.c.progress_total),
+        progress_step=_given_or_kept("steps", jobs.c.progress_total),
+        progress_total=_given_or_kept("steps", jobs.c.progress_total),
         nsfw=bindparam("b_nsfw", type_=jobs.c.nsfw.type),
     )
     .returning(*ENDED_RETURNING)
@@ -115,8 +120,8 @@ HEARTBEAT = (
     .values(
         lease_expires_at=bindparam("b_expires"),
         updated_at=bindparam("now"),
-        progress_step=func.coalesce(bindparam("b_step", type_=jobs.c.progress_step.type), jobs.c.progress_step),
-        progress_total=func.coalesce(bindparam("b_total", type_=jobs.c.progress_total.type), jobs.c.progress_total),
+        progress_step=_given_or_kept("b_step", jobs.c.progress_step),
+        progress_total=_given_or_kept("b_total", jobs.c.progress_total),
     )
     .returning(jobs.c.cancel_requested)
 )

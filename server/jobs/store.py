@@ -328,20 +328,19 @@ class JobStore:
     ) -> bool:
         """End a leased job as completed (all ``steps`` done; ``nsfw``: the safety verdict per
         output); False when the lease is gone (the result is not taken)."""
-        params = {"job_id": job_id, "token": token, "b_outputs": outputs, "b_inference_ms": inference_ms}
-        with self.db.write() as conn:
-            now = now_ms()
-            row = conn.execute(sql.COMPLETE, {**params, "steps": steps, "b_nsfw": nsfw, "now": now}).first()
-            done = None if row is None else self._ended(conn, job_id, row, now)
-        if done:
-            self.db.publish("done", done)
-        return done is not None
+        params = {"b_outputs": outputs, "b_inference_ms": inference_ms, "steps": steps, "b_nsfw": nsfw}
+        return self._end_leased(sql.COMPLETE, job_id, token, params)
 
     def fail(self, job_id: str, token: str, error: str, code: int, inference_ms: int = 0) -> bool:
-        params = {"job_id": job_id, "token": token, "b_error": error, "b_error_code": code}
+        params = {"b_error": error, "b_error_code": code, "b_inference_ms": inference_ms}
+        return self._end_leased(sql.FAIL, job_id, token, params)
+
+    def _end_leased(self, statement: Any, job_id: str, token: str, params: dict[str, Any]) -> bool:
+        """Run an ending statement on a leased job (COMPLETE, FAIL); publish its ``done`` once
+        committed. False when the lease is gone (nothing was written)."""
         with self.db.write() as conn:
             now = now_ms()
-            row = conn.execute(sql.FAIL, {**params, "b_inference_ms": inference_ms, "now": now}).first()
+            row = conn.execute(statement, {**params, "job_id": job_id, "token": token, "now": now}).first()
             done = None if row is None else self._ended(conn, job_id, row, now)
         if done:
             self.db.publish("done", done)

@@ -59,7 +59,7 @@ class DoneFanout:
         await run_in_threadpool(self._thread.join, 5)
 
     def _readable(self, sub: Readable) -> None:
-        ended = [done for done in map(Done.parse, sub.drain()) if done is not None]
+        ended = _parsed(sub.drain())
         if ended:
             self._deliver(ended)
 
@@ -68,7 +68,7 @@ class DoneFanout:
         assert sub is not None  # made by start()
         try:
             while not self._stop.is_set():
-                ended = [done for done in map(Done.parse, sub.wait(0.5)) if done is not None]  # "": a wake()
+                ended = _parsed(sub.wait(0.5))
                 if ended and self._loop is not None:
                     self._loop.call_soon_threadsafe(self._deliver, ended)
         finally:
@@ -83,3 +83,8 @@ class DoneFanout:
                 consumer(dones)
             except Exception:  # the others, and the next messages, are still delivered
                 log.exception("done consumer failed", consumer=repr(consumer))
+
+
+def _parsed(payloads: list[str]) -> list[Done]:
+    """The ``done`` messages among ``payloads`` ("" is a bare wake-up, not one)."""
+    return [done for done in map(Done.parse, payloads) if done is not None]
