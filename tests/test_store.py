@@ -393,6 +393,25 @@ def test_webhook_outbox_claim_and_result(store: JobStore) -> None:
     assert store.outbox.claim(10, 30, now_ms()) == []
 
 
+def test_a_failure_queues_the_delivery_of_a_job_with_a_webhook_only(store: JobStore) -> None:
+    """Ending a job writes its delivery with it (PostgreSQL in the same statement, SQLite in the same
+    transaction): one for a job with a webhook, none without, none again for a late second end."""
+    hooked = Job(**{**make_job(store).__dict__, "id": new_id(), "webhook_url": "http://127.0.0.1:9/f"})
+    plain = Job(**{**make_job(store).__dict__, "id": new_id()})
+    for job in (hooked, plain):
+        store.create(job)
+    leases = {}
+    while (c := store.claim("w", [VARIANT], 30)) is not None:
+        leases[c.id] = c.lease_token
+    assert store.fail(hooked.id, leases[hooked.id], "boom", INTERNAL_ERROR, 3)
+    assert store.complete(plain.id, leases[plain.id], ["outputs/p.png"], 4)
+    assert not store.fail(hooked.id, leases[hooked.id], "late", INTERNAL_ERROR)  # the lease is gone
+    deliveries = store.outbox.claim(10, 30, now_ms())
+    assert [(d.job_id, d.url, d.attempts) for d in deliveries] == [(hooked.id, "http://127.0.0.1:9/f", 0)]
+    ended = store.get(hooked.id)
+    assert ended is not None and (ended.status, ended.error, ended.inference_ms) == (Status.FAILED, "boom", 3)
+
+
 def test_concurrent_webhook_claimers_split_the_outbox(store: JobStore) -> None:
     ids = []
     for _ in range(12):

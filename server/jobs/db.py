@@ -110,6 +110,11 @@ class Database:
                 url, pool_recycle=300, pool_size=pool_size, max_overflow=pool_size, pool_timeout=10
             )
             event.listen(self.engine, "checkout", _pg_checkout)
+        # PostgreSQL: connections of the same pool in autocommit, for reads and for writes of one
+        # statement (see read() and write_one()).
+        self._lone: Engine | None = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.is_postgres else None
+        )
         self.notifier: Notifier
         if self.is_postgres:
             dsn = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -134,8 +139,11 @@ class Database:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
-        """A read-only transaction (rolled back at the end)."""
-        with translated(), self.engine.connect() as conn:
+        """Reads. SQLite: one read transaction, a snapshot across its statements (rolled back at the
+        end). PostgreSQL: autocommit. At READ COMMITTED, PostgreSQL's default and the level this
+        store runs at, each statement reads its own snapshot inside a transaction too, so BEGIN and
+        ROLLBACK would only add two round trips to each read (a lone read's three)."""
+        with translated(), (self._lone or self.engine).connect() as conn:
             yield conn
 
     @contextlib.contextmanager
@@ -146,6 +154,18 @@ class Database:
                 conn = conn.execution_options(**{_WRITE: True})
             with conn.begin():
                 yield conn
+
+    @contextlib.contextmanager
+    def write_one(self) -> Iterator[Connection]:
+        """A write of ONE statement, atomic by itself (a claim, a lease's renewal, a job's end).
+        PostgreSQL runs it in autocommit: one round trip where BEGIN, the statement and COMMIT took
+        three. SQLite: ``write()`` (BEGIN IMMEDIATE: the write lock first, never a failed upgrade)."""
+        if self._lone is None:
+            with self.write() as conn:
+                yield conn
+            return
+        with translated(), self._lone.connect() as conn:
+            yield conn
 
     def ping(self) -> None:
         with self.read() as conn:
@@ -159,8 +179,9 @@ class Database:
             log.warning("notify failed", channel=channel, error=first_line(exc))
 
     def publish_on_commit(self, conn: Connection, channel: str, payload: str = "") -> bool:
-        """PostgreSQL: NOTIFY inside the caller's transaction (delivered at its commit; no round trip
-        of its own); True when done so, False when the caller should ``publish`` after its commit."""
+        """PostgreSQL: NOTIFY inside the caller's transaction (delivered at its commit: one statement,
+        no transaction of its own); True when done so, False when the caller should ``publish``
+        after its commit."""
         if not isinstance(self.notifier, PostgresNotifier):
             return False
         shared = self.notifier.channel(channel)
@@ -171,7 +192,7 @@ class Database:
         return True
 
     def _pg_notify(self, channel: str, payload: str) -> None:
-        with self.write() as conn:
+        with self.write_one() as conn:  # one statement (PICK_AND_NOTIFY's CTE, or pg_notify)
             self.publish_on_commit(conn, channel, payload)
 
     # --- schema --------------------------------------------------------------------------

@@ -307,6 +307,7 @@ class _PostgresSubscription:
             idle = ready and self.own is not None
             if idle:
                 self.conn.execute(_IDLE, (self.own, self.topic, int(time.time() * 1000)))
+            got: list[Any] = []
             try:
                 # notifies() runs until its timeout unless stopped: stop at the first, then take
                 # whatever else has already arrived.
@@ -314,7 +315,10 @@ class _PostgresSubscription:
                 if got:
                     got += self.conn.notifies(timeout=0, stop_after=64)
             finally:
-                if idle:  # busy from here (the submitter may have removed the row already)
+                # Busy from here. A job's message on its own channel came from a submitter that
+                # removed its row already: no round trip to remove it (it sat before the claim).
+                # wake()'s empty one did not.
+                if idle and not any(n.channel == self.own and n.payload for n in got):
                     self.conn.execute(_BUSY, (self.own,))
             return [n.payload for n in got]
         except Exception as exc:  # database restarting: poll until it is back

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Select, Update, bindparam, false, func, insert, literal, select, update
 
 from server.jobs.contract import Ending, Status
 from server.jobs.models import QUEUED, jobs
+from server.jobs.models import webhook_deliveries as outbox
 
 # Parameter names are never column names: SQLAlchemy keeps those for an UPDATE's own SET values.
 
@@ -39,9 +40,11 @@ def _claim(by: str, spend_attempt: bool):  # type: ignore[no-untyped-def]
         .with_for_update(skip_locked=True)
         .cte("picked")
     )
+    # The status as a literal here too (QUEUED): with a bound value SQLite ran the same plan about
+    # six times slower (170 us against 30 per claim, measured on the statement alone).
     return (
         update(jobs)
-        .where(jobs.c.id == picked.c.id, jobs.c.status == Status.CREATED)
+        .where(jobs.c.id == picked.c.id, QUEUED)
         .values(
             status=Status.PROCESSING,
             attempts=jobs.c.attempts + 1 if spend_attempt else jobs.c.attempts,
@@ -161,3 +164,33 @@ def _release(refund: bool) -> Any:
 
 # RELEASE[refund]: a leased job back to the queue (refund: the attempt it spent is given back).
 RELEASE = {refund: _release(refund) for refund in (True, False)}
+
+
+def _delivering(ending: Update) -> Select:  # type: ignore[type-arg]
+    """PostgreSQL: ``ending`` (COMPLETE, FAIL) and, for a job with a webhook, its delivery in the
+    outbox, as ONE statement (a data-modifying CTE), atomic by itself: run alone in autocommit it is
+    one round trip where a transaction of the two took four. It returns what ``ending`` returns.
+    SQLite has no data-modifying CTEs: there the delivery is a second statement in the same
+    transaction (WebhookOutbox.enqueue)."""
+    ended = ending.returning(jobs.c.id).cte("ended")  # returning() adds to what it returns
+    delivery = insert(outbox).from_select(
+        ["job_id", "url", "attempts", "next_attempt_at", "gave_up", "last_error", "created_at"],
+        select(
+            ended.c.id,
+            ended.c.webhook_url,
+            literal(0),
+            bindparam("now"),
+            false(),
+            literal(""),
+            bindparam("now"),
+        ).where(ended.c.webhook_url.is_not(None)),
+    )
+    return select(*(ended.c[column.name] for column in ENDED_RETURNING)).add_cte(delivery.cte("delivery"))
+
+
+# END_LEASED[kind, delivering]: COMPLETE or FAIL, alone or with the webhook delivery (PostgreSQL).
+END_LEASED = {
+    (kind, delivering): _delivering(statement) if delivering else statement
+    for kind, statement in (("complete", COMPLETE), ("fail", FAIL))
+    for delivering in (False, True)
+}

@@ -217,7 +217,7 @@ class JobStore:
     def cancel(self, job_id: str) -> Job | None:
         """Fail a queued job at once; ask a running one to stop at its next step."""
         if not self.cancel_queued(job_id, "Cancelled by the client before it started."):
-            with self.db.write() as conn:
+            with self.db.write_one() as conn:
                 conn.execute(
                     update(jobs)
                     .where(jobs.c.id == job_id, jobs.c.status == Status.PROCESSING)
@@ -259,7 +259,7 @@ class JobStore:
         """A job claimed ahead really starts now: spend its attempt, start its clock; None when the
         lease is gone."""
         now = now_ms()
-        with self.db.write() as conn:
+        with self.db.write_one() as conn:
             row = conn.execute(sql.BEGIN, {"job_id": job_id, "token": token, "now": now}).first()
         return Begun(int(row[0]), int(row[1]), bool(row[2])) if row else None
 
@@ -298,7 +298,7 @@ class JobStore:
             "expires_at": now + int(lease_s * 1000),
             "now": now,
         }
-        with self.db.write() as conn:
+        with self.db.write_one() as conn:
             claimed = [Job.from_row(row) for row in conn.execute(sql.CLAIM[kind, spend_attempt], params).all()]
         claimed.sort(key=lambda job: (-job.priority, job.created_at, job.id))
         return claimed
@@ -313,7 +313,7 @@ class JobStore:
     ) -> Heartbeat:
         now = now_ms()
         params = {"job_id": job_id, "token": token, "now": now, "b_step": step, "b_total": total}
-        with self.db.write() as conn:
+        with self.db.write_one() as conn:
             row = conn.execute(sql.HEARTBEAT, {**params, "b_expires": now + int(lease_s * 1000)}).first()
         return Heartbeat(alive=row is not None, cancel_requested=bool(row and row[0]))
 
@@ -329,19 +329,22 @@ class JobStore:
         """End a leased job as completed (all ``steps`` done; ``nsfw``: the safety verdict per
         output); False when the lease is gone (the result is not taken)."""
         params = {"b_outputs": outputs, "b_inference_ms": inference_ms, "steps": steps, "b_nsfw": nsfw}
-        return self._end_leased(sql.COMPLETE, job_id, token, params)
+        return self._end_leased("complete", job_id, token, params)
 
     def fail(self, job_id: str, token: str, error: str, code: int, inference_ms: int = 0) -> bool:
         params = {"b_error": error, "b_error_code": code, "b_inference_ms": inference_ms}
-        return self._end_leased(sql.FAIL, job_id, token, params)
+        return self._end_leased("fail", job_id, token, params)
 
-    def _end_leased(self, statement: Any, job_id: str, token: str, params: dict[str, Any]) -> bool:
-        """Run an ending statement on a leased job (COMPLETE, FAIL); publish its ``done`` once
-        committed. False when the lease is gone (nothing was written)."""
-        with self.db.write() as conn:
+    def _end_leased(self, kind: str, job_id: str, token: str, params: dict[str, Any]) -> bool:
+        """End a leased job (``kind``: complete, fail); publish its ``done`` once committed. False
+        when the lease is gone (nothing was written). PostgreSQL writes the end and its webhook
+        delivery in one statement (statements._delivering), SQLite in one transaction of two."""
+        delivering = self.db.is_postgres
+        with self.db.write_one() if delivering else self.db.write() as conn:
             now = now_ms()
-            row = conn.execute(statement, {**params, "job_id": job_id, "token": token, "now": now}).first()
-            done = None if row is None else self._ended(conn, job_id, row, now)
+            params = {**params, "job_id": job_id, "token": token, "now": now}
+            row = conn.execute(sql.END_LEASED[kind, delivering], params).first()
+            done = None if row is None else self._ended(conn, job_id, row, now, delivered=delivering)
         if done:
             self.db.publish("done", done)
         return done is not None
@@ -349,7 +352,7 @@ class JobStore:
     def release(self, job_id: str, token: str, *, refund: bool = True) -> bool:
         """Hand a job back to the queue (a worker told to stop), without spending an attempt
         (``refund=False``: a job claimed ahead that never began had spent none)."""
-        with self.db.write() as conn:
+        with self.db.write_one() as conn:
             n = conn.execute(sql.RELEASE[refund], {"job_id": job_id, "token": token, "now": now_ms()}).rowcount
         if n:
             self.db.publish("jobs")
@@ -404,11 +407,12 @@ class JobStore:
             return None
         return self._ended(conn, job_id, row, now)
 
-    def _ended(self, conn: Connection, job_id: str, row: Any, now: int) -> str:
+    def _ended(self, conn: Connection, job_id: str, row: Any, now: int, *, delivered: bool = False) -> str:
         """What ends a job besides its row (``row``: what the ending statement returned), in the
-        same transaction: its webhook delivery (its counters: the triggers of migrations 0005 and
-        0007); the ``done`` message to publish once committed, with what the end wrote."""
+        same transaction: its webhook delivery, unless the statement ``delivered`` it itself (its
+        counters: the triggers of migrations 0005 and 0007); the ``done`` message to publish once
+        committed, with what the end wrote."""
         ending = Ending.from_row(row)
-        if row.webhook_url:
+        if row.webhook_url and not delivered:
             self.outbox.enqueue(conn, job_id, row.webhook_url, now)
         return Done(job_id, webhook=bool(row.webhook_url), ending=ending).message()
