@@ -147,24 +147,30 @@ class JobStore:
         """Store a new job; with ``admission``, only if the caps still hold (checked and inserted
         in one transaction, so that concurrent submits can never overshoot them)."""
         with self.db.write() as conn:
-            if admission and (admission.queue_cap or admission.per_key or admission.budget):
-                self._admit(conn, job, admission)
             conn.execute(sql.INSERT_JOB, job.to_row())
             # The job's variant: the local notifier wakes one idle worker that runs it.
             notified = self.db.publish_on_commit(conn, "jobs", job.variant)
+            if admission and (admission.queue_cap or admission.per_key or admission.budget):
+                self._admit(conn, job, admission)  # last: refused, all of the above is rolled back
         if not notified:
             self.db.publish("jobs", job.variant)
 
     def _admit(self, conn: Connection, job: Job, admission: Admission) -> None:
-        if self.db.is_postgres:  # SQLite's BEGIN IMMEDIATE already serialises writers
+        """The caps, checked after the job's own insert (the counts include it). On PostgreSQL the
+        admissions are serialised by a lock taken here, at the end, so that it is held for the
+        counts and the commit only, not for the insert and the wake-up too: each admitted job was
+        counted with every job admitted before it, which committed before releasing the lock.
+        SQLite's BEGIN IMMEDIATE already serialises writers."""
+        if self.db.is_postgres:
             conn.execute(text(f"SELECT pg_advisory_xact_lock({_ADMISSION_LOCK})"))
-        if admission.queue_cap and stats.one(conn, "jobs.created") >= admission.queue_cap:
+        if admission.queue_cap and stats.one(conn, "jobs.created") > admission.queue_cap:
             raise QueueFull(f"the queue holds {admission.queue_cap} jobs")
-        if admission.per_key and self._in_flight(conn, job.api_key_id) >= admission.per_key:
+        if admission.per_key and self._in_flight(conn, job.api_key_id) > admission.per_key:
             raise KeyAtLimit(f"{admission.per_key} jobs in flight")
         if admission.budget is not None:
             budget = admission.budget
             held = History.counts_in(conn, Scope(job.api_key_id), (Status.COMPLETED, *IN_FLIGHT))
+            held[job.model] = held.get(job.model, 1) - 1  # what was spent or held before this job
             spent = sum(budget.prices.price(model) * n for model, n in held.items())
             cost = budget.prices.price(job.model)
             if spent + cost > budget.cap + 1e-9:
