@@ -78,3 +78,62 @@ def test_webhook_consumers_hear_only_of_jobs_with_a_webhook(store: JobStore) -> 
     for done in heard:
         row = store.get(done.job_id)
         assert row is not None and done.ending is not None and done.ending.status == row.status
+
+
+def listeners() -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name == "done-listener"}
+
+
+def test_a_lost_listen_connection_hands_over_to_a_thread_that_reconnects() -> None:
+    """PostgreSQL: the event loop reads the LISTEN connection itself; when the database drops it, a
+    thread takes over, reconnects and listens, and jobs that end are heard of again."""
+    from sqlalchemy import text
+
+    heard: list[str] = []
+    with fresh_database() as url:
+        store = JobStore.at(Settings(database_url=url).resolved_database_url)
+        store.migrate()
+
+        def end_one() -> str:
+            job = replace(template_job("k"), id=new_id())
+            store.create(job)
+            assert store.cancel_queued(job.id, "gone")
+            return job.id
+
+        async def heard_of(job_id: str, seconds: float) -> bool:
+            for _ in range(int(seconds / 0.05)):
+                if job_id in heard:
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+
+        async def scenario() -> None:
+            fanout = DoneFanout(store.notifier)
+            fanout.subscribe(lambda dones: heard.extend(d.job_id for d in dones))
+            await fanout.start()
+            try:
+                assert await heard_of(end_one(), 10)
+                assert listeners() == set()  # read by the loop: no thread
+                with store.db.write() as conn:
+                    killed = conn.execute(
+                        text(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND query LIKE 'LISTEN qwen_edit_done%'"
+                        )
+                    ).all()
+                assert killed == [(True,)]
+                # News sent while no connection listens is lost (the slow polls cover it): end jobs
+                # until one is heard of, through the thread's new connection.
+                for _ in range(40):
+                    if await heard_of(end_one(), 0.5):
+                        break
+                else:
+                    raise AssertionError("no job heard of after the LISTEN connection was dropped")
+                assert listeners() == {"done-listener"}
+            finally:
+                await fanout.stop()
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            store.close()

@@ -67,8 +67,10 @@ class Subscription(Protocol):
 
 @runtime_checkable
 class Readable(Protocol):
-    """A subscription an event loop can watch itself (a local socket): when its ``fileno`` is
-    readable, ``drain`` returns what came, at once. No thread sits between a message and the loop."""
+    """A subscription an event loop can watch itself (a local socket, a LISTEN connection): when its
+    ``fileno`` is readable, ``drain`` returns what came, at once. No thread sits between a message
+    and the loop. ``fileno`` raises OSError while there is nothing to watch (a database that was
+    down), ``drain`` when the connection is lost: a thread that waits (and reconnects) takes over."""
 
     def fileno(self) -> int: ...
 
@@ -326,6 +328,18 @@ class _PostgresSubscription:
             self._drop()
             self._closed.wait(min(timeout, 1.0))
             return []
+
+    def fileno(self) -> int:
+        """The LISTEN connection's socket, for an event loop to watch (``Readable``)."""
+        if self.conn is None or self.conn.closed:
+            raise OSError("no LISTEN connection")
+        return int(self.conn.fileno())
+
+    def drain(self) -> list[str]:
+        """The notifications already here, without waiting; raises when the connection is lost."""
+        if self.conn is None:
+            raise OSError("no LISTEN connection")
+        return [n.payload for n in self.conn.notifies(timeout=0)]
 
     def wake(self) -> None:
         """A worker's own channel: notify it on a connection of its own (the waiting thread holds
