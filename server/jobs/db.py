@@ -140,9 +140,9 @@ class Database:
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
         """Reads. SQLite: one read transaction, a snapshot across its statements (rolled back at the
-        end). PostgreSQL: autocommit. At READ COMMITTED, PostgreSQL's default and the level this
-        store runs at, each statement reads its own snapshot inside a transaction too, so BEGIN and
-        ROLLBACK would only add two round trips to each read (a lone read's three)."""
+        end). PostgreSQL: autocommit. At READ COMMITTED, PostgreSQL's default, each statement reads
+        its own snapshot inside a transaction too, so BEGIN and ROLLBACK would only add two round
+        trips to each read (a lone read's three)."""
         with translated(), (self._lone or self.engine).connect() as conn:
             yield conn
 
