@@ -13,6 +13,7 @@ from sqlalchemy import Connection, insert, select, update
 
 from server.jobs.db import Database
 from server.jobs.models import webhook_deliveries as outbox
+from server.jobs.statements import new_delivery
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,7 @@ class WebhookOutbox:
     @staticmethod
     def enqueue(conn: Connection, job_id: str, url: str, now: int) -> None:
         """Inside the store's transaction that ends the job."""
-        conn.execute(
-            insert(outbox).values(
-                job_id=job_id, url=url, attempts=0, next_attempt_at=now, gave_up=False, last_error="", created_at=now
-            )
-        )
+        conn.execute(insert(outbox).values(job_id=job_id, url=url, **new_delivery(now)))
 
     def claim(self, limit: int, lease_s: float, now: int) -> list[Delivery]:
         """Lease up to ``limit`` due deliveries (nobody else takes them until the lease ends)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Select, Update, bindparam, false, func, insert, literal, select, update
+from sqlalchemy import BindParameter, Select, Update, bindparam, func, insert, literal, select, update
 
 from server.jobs.contract import Ending, Status
 from server.jobs.models import QUEUED, jobs
@@ -166,6 +166,12 @@ def _release(refund: bool) -> Any:
 RELEASE = {refund: _release(refund) for refund in (True, False)}
 
 
+def new_delivery(now: Any) -> dict[str, Any]:
+    """A webhook delivery's first values, besides its job and URL (``now``: a value or a parameter):
+    due at once, never tried."""
+    return {"attempts": 0, "next_attempt_at": now, "gave_up": False, "last_error": "", "created_at": now}
+
+
 def _delivering(ending: Update) -> Select:  # type: ignore[type-arg]
     """PostgreSQL: ``ending`` (COMPLETE, FAIL) and, for a job with a webhook, its delivery in the
     outbox, as ONE statement (a data-modifying CTE), atomic by itself: run alone in autocommit it is
@@ -173,17 +179,13 @@ def _delivering(ending: Update) -> Select:  # type: ignore[type-arg]
     SQLite has no data-modifying CTEs: there the delivery is a second statement in the same
     transaction (WebhookOutbox.enqueue)."""
     ended = ending.returning(jobs.c.id).cte("ended")  # returning() adds to what it returns
+    first = {
+        name: value if isinstance(value, BindParameter) else literal(value, outbox.c[name].type)
+        for name, value in new_delivery(bindparam("now")).items()
+    }
     delivery = insert(outbox).from_select(
-        ["job_id", "url", "attempts", "next_attempt_at", "gave_up", "last_error", "created_at"],
-        select(
-            ended.c.id,
-            ended.c.webhook_url,
-            literal(0),
-            bindparam("now"),
-            false(),
-            literal(""),
-            bindparam("now"),
-        ).where(ended.c.webhook_url.is_not(None)),
+        ["job_id", "url", *first],
+        select(ended.c.id, ended.c.webhook_url, *first.values()).where(ended.c.webhook_url.is_not(None)),
     )
     return select(*(ended.c[column.name] for column in ENDED_RETURNING)).add_cte(delivery.cte("delivery"))
 
