@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from benchmarks.jobs import store_job
 from server.jobs.notify import Subscription
 from server.jobs.store import JobStore
 from server.settings import Settings
@@ -95,6 +96,27 @@ def test_a_submit_notifies_its_pick_inside_its_own_transaction(store: JobStore) 
     make_job(store)  # store.create: the insert, the pick and the NOTIFY commit together
     wait_for(lambda: waiting.ended() == 1, 30, "the wake-up")
     assert waiting.got == [["edit"]]
+    sub.close()
+
+
+def test_a_refused_submit_wakes_no_one(store: JobStore) -> None:
+    """The pick, the NOTIFY and the admission lock share the job's statement: a submit the caps
+    refuse rolls them back with the job (the idle waiter stays idle, picked by the next one)."""
+    from server.jobs.store import Admission, QueueFull
+    from tests.test_store import make_job
+
+    make_job(store)  # the queue is full at a cap of 1
+    sub = store.notifier.subscribe("jobs", "edit")
+    waiting = Waiting([sub])
+    wait_for(lambda: len(idle_rows(store)) == 1, 30, "the worker waiting")
+    refused = store_job(variant="edit", input={}, base_url="", steps=1, max_attempts=1)
+    with pytest.raises(QueueFull):
+        store.create(refused, Admission(queue_cap=1))
+    assert store.get(refused.id) is None
+    assert len(idle_rows(store)) == 1  # not picked
+    store.create(store_job(variant="edit", input={}, base_url="", steps=1, max_attempts=1), Admission(queue_cap=2))
+    wait_for(lambda: waiting.ended() == 1, 30, "the wake-up")
+    assert waiting.got == [["edit"]] and idle_rows(store) == []
     sub.close()
 
 

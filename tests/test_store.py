@@ -347,6 +347,30 @@ def test_every_end_tells_its_listeners_the_finished_row(store: JobStore) -> None
         sub.close()
 
 
+def test_an_end_without_the_lease_writes_and_tells_nothing(store: JobStore) -> None:
+    """A completion or failure with a lease that is gone (a late or duplicate worker) matches no
+    row: nothing is written and no ``done`` goes out (on PostgreSQL the NOTIFY is the ending's own
+    statement's, sent only for a row it ended)."""
+    sub = store.notifier.subscribe("done")
+    try:
+        job = make_job(store)
+        claimed = store.claim("w", [VARIANT], 60)
+        assert claimed is not None and claimed.id == job.id and claimed.lease_token
+        assert not store.complete(job.id, "not-its-lease", ["outputs/late.png"], 1)
+        assert not store.fail(job.id, "not-its-lease", "late", INTERNAL_ERROR)
+        assert store.complete(job.id, claimed.lease_token, ["outputs/a.png"], 5)
+        assert not store.complete(job.id, claimed.lease_token, ["outputs/twice.png"], 1)  # ended: the lease with it
+        heard: list[Done] = []
+        deadline = time.monotonic() + 10
+        while not heard and time.monotonic() < deadline:  # messages come in commit order
+            heard += [d for d in map(Done.parse, sub.wait(0.5)) if d is not None and d.job_id == job.id]
+        assert len(heard) == 1 and heard[0].ending is not None and heard[0].ending.outputs == ["outputs/a.png"]
+        row = store.get(job.id)
+        assert row is not None and row.status == Status.COMPLETED and row.outputs == ["outputs/a.png"]
+    finally:
+        sub.close()
+
+
 def test_release_owned_by_a_previous_life(store: JobStore) -> None:
     job = make_job(store)
     assert store.claim("host/0", [VARIANT], 30) is not None

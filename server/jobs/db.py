@@ -24,7 +24,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
 from server.errors import StoreUnavailable, first_line
-from server.jobs.notify import PICK_AND_NOTIFY, LocalNotifier, Notifier, NullNotifier, PostgresNotifier
+from server.jobs import statements as sql
+from server.jobs.notify import LocalNotifier, Notifier, NullNotifier, PostgresNotifier
 
 if TYPE_CHECKING:
     from server.settings import Settings
@@ -33,7 +34,6 @@ log = structlog.get_logger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _WRITE = "qwen_edit_write"  # execution option: this connection's transaction writes
-_PICK_AND_NOTIFY = text(PICK_AND_NOTIFY)  # built once: it runs on every PostgreSQL submit
 
 # The driver errors that mean "the database cannot be reached or written right now" (a restart,
 # a full disk, a lock held too long, a refused connection), as opposed to a bug in a statement.
@@ -184,15 +184,22 @@ class Database:
         after its commit."""
         if not isinstance(self.notifier, PostgresNotifier):
             return False
-        shared = self.notifier.channel(channel)
         if self.notifier.wakes_one(channel, payload):
-            conn.execute(_PICK_AND_NOTIFY, {"topic": payload, "shared": shared, "payload": payload})
+            conn.execute(sql.WAKE_ONE, self.wake_params(channel, payload))
         else:
-            conn.execute(select(func.pg_notify(shared, payload)))
+            conn.execute(select(func.pg_notify(self.notifier.channel(channel), payload)))
         return True
 
+    def wake_params(self, channel: str, payload: str) -> dict[str, str] | None:
+        """PostgreSQL: the parameters of a wake-one NOTIFY (statements.WAKE_ONE, SUBMIT) for
+        ``channel`` and ``payload``; None where the message is for everyone or the notifier is not
+        PostgreSQL's."""
+        if not isinstance(self.notifier, PostgresNotifier) or not self.notifier.wakes_one(channel, payload):
+            return None
+        return {"topic": payload, "shared": self.notifier.channel(channel), "payload": payload}
+
     def _pg_notify(self, channel: str, payload: str) -> None:
-        with self.write_one() as conn:  # one statement (PICK_AND_NOTIFY's CTE, or pg_notify)
+        with self.write_one() as conn:  # one statement (WAKE_ONE's CTE, or pg_notify)
             self.publish_on_commit(conn, channel, payload)
 
     # --- schema --------------------------------------------------------------------------

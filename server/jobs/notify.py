@@ -230,14 +230,7 @@ class _LocalSubscription:
 
 # --- many machines: PostgreSQL LISTEN/NOTIFY ------------------------------------------------------
 
-# The submitter's side of wake-one, run inside the submit's transaction: take the longest-idle waiter
-# of this topic (or of any), and notify its channel, else the shared one.
-PICK_AND_NOTIFY = (
-    "WITH picked AS (DELETE FROM idle_waiters WHERE channel = ("
-    "SELECT channel FROM idle_waiters WHERE topic IN (:topic, '*') ORDER BY since LIMIT 1 FOR UPDATE SKIP LOCKED"
-    ") RETURNING channel) "
-    "SELECT pg_notify(COALESCE((SELECT channel FROM picked), :shared), :payload)"
-)
+# The submitter's side of wake-one is a statement of the job store's (statements.WAKE_ONE, SUBMIT).
 _IDLE = (
     "INSERT INTO idle_waiters (channel, topic, pid, since) VALUES (%s, %s, pg_backend_pid(), %s) "
     "ON CONFLICT (channel) DO UPDATE SET topic = excluded.topic, pid = excluded.pid, since = excluded.since"
@@ -259,7 +252,7 @@ class PostgresNotifier:
 
     @staticmethod
     def wakes_one(channel: str, payload: str) -> bool:
-        """Whether a message picks one idle waiter (``PICK_AND_NOTIFY``) rather than reaching all."""
+        """Whether a message picks one idle waiter (statements.WAKE_ONE) rather than reaching all."""
         return channel in WAKE_ONE and bool(_TOPIC.match(payload))
 
     def publish(self, channel: str, payload: str = "") -> None:

@@ -10,10 +10,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BindParameter, Select, Update, bindparam, func, insert, literal, select, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Select,
+    Text,
+    Update,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.sql.selectable import CTE
 
-from server.jobs.contract import Ending, Status
-from server.jobs.models import QUEUED, jobs
+from server.jobs.contract import MAX_MESSAGE_BYTES, Ending, Status
+from server.jobs.models import QUEUED, idle_waiters, jobs
 from server.jobs.models import webhook_deliveries as outbox
 
 # Parameter names are never column names: SQLAlchemy keeps those for an UPDATE's own SET values.
@@ -172,12 +190,31 @@ def new_delivery(now: Any) -> dict[str, Any]:
     return {"attempts": 0, "next_attempt_at": now, "gave_up": False, "last_error": "", "created_at": now}
 
 
+def _done_message(ended: CTE) -> ColumnElement[Any]:
+    """PostgreSQL: the ``done`` message of the job ``ended`` (contract.Done's, built from the row the
+    ending wrote, so that it can be sent by the ending's own statement): its ending where the
+    message has room for it, else the id and the webhook flag alone (the listener reads the row)."""
+
+    def obj(*pairs: tuple[str, Any]) -> ColumnElement[Any]:
+        items: list[Any] = []
+        for name, value in pairs:
+            items += [literal_column(f"'{name}'"), value]  # names: Done's and Ending's own fields
+        return func.json_build_object(*items)
+
+    head = (("id", ended.c.id), ("webhook", ended.c.webhook_url.is_not(None)))
+    full = cast(obj(*head, ("ending", obj(*((name, ended.c[name]) for name in Ending.columns())))), Text)
+    return case((func.octet_length(full) <= MAX_MESSAGE_BYTES, full), else_=cast(obj(*head), Text))
+
+
 def _delivering(ending: Update) -> Select:  # type: ignore[type-arg]
-    """PostgreSQL: ``ending`` (COMPLETE, FAIL) and, for a job with a webhook, its delivery in the
-    outbox, as ONE statement (a data-modifying CTE), atomic by itself: run alone in autocommit it is
-    one round trip where a transaction of the two took four. It returns what ``ending`` returns.
-    SQLite has no data-modifying CTEs: there the delivery is a second statement in the same
-    transaction (WebhookOutbox.enqueue)."""
+    """PostgreSQL: ``ending`` (COMPLETE, FAIL), for a job with a webhook its delivery in the outbox,
+    and its ``done`` NOTIFY (channel: the ``done_channel`` parameter), as ONE statement (a
+    data-modifying CTE), atomic by itself: run alone in autocommit it is one round trip and one
+    commit where a transaction of the first two and the NOTIFY's own took five and two. The NOTIFY
+    goes out only when the ending matched (a lost lease writes and tells nothing), and with the
+    ending's commit. It returns what ``ending`` returns. SQLite has no data-modifying CTEs: there
+    the delivery is a second statement in the same transaction (WebhookOutbox.enqueue), and the
+    ``done`` message is published after the commit."""
     ended = ending.returning(jobs.c.id).cte("ended")  # returning() adds to what it returns
     first = {
         name: value if isinstance(value, BindParameter) else literal(value, outbox.c[name].type)
@@ -187,7 +224,8 @@ def _delivering(ending: Update) -> Select:  # type: ignore[type-arg]
         ["job_id", "url", *first],
         select(ended.c.id, ended.c.webhook_url, *first.values()).where(ended.c.webhook_url.is_not(None)),
     )
-    return select(*(ended.c[column.name] for column in ENDED_RETURNING)).add_cte(delivery.cte("delivery"))
+    told = func.pg_notify(bindparam("done_channel"), _done_message(ended)).label("told")
+    return select(*(ended.c[column.name] for column in ENDED_RETURNING), told).add_cte(delivery.cte("delivery"))
 
 
 # END_LEASED[kind, delivering]: COMPLETE or FAIL, alone or with the webhook delivery (PostgreSQL).
@@ -196,3 +234,50 @@ END_LEASED = {
     for kind, statement in (("complete", COMPLETE), ("fail", FAIL))
     for delivering in (False, True)
 }
+
+
+# --- PostgreSQL: a job's wake-up, and a submit in one statement ------------------------------------
+
+ADMISSION_LOCK = 727002  # the advisory lock that serialises admissions (JobStore._admit)
+
+# A job's INSERT as parameters that are not column names (see the top): JOB_VALUES(job.to_row()).
+_JOB_PARAMS = {column.name: bindparam(f"j_{column.name}", type_=column.type) for column in jobs.c}
+
+
+def job_values(row: dict[str, Any]) -> dict[str, Any]:
+    """``Job.to_row()`` as the parameters of SUBMIT."""
+    return {f"j_{name}": value for name, value in row.items()}
+
+
+def _wake_one(*, job: bool = False, locked: bool = False) -> Select:  # type: ignore[type-arg]
+    """The submitter's side of wake-one: take the longest-idle waiter of the topic (or of any, '*')
+    and notify its channel, else the shared one (binds ``topic``, ``shared``, ``payload``). Run inside
+    the submit's transaction, the NOTIFY goes out with its commit.
+
+    ``job``: with the job's INSERT (binds ``j_<column>``) in the same statement. ``locked``: with the
+    admission lock taken too, so that the caps' counts, the next statement, read every job admitted
+    before this one (each committed before its lock was released). Where the lock is taken inside
+    this statement does not matter: the counts read after it, in a snapshot of their own."""
+    waiter = (
+        select(idle_waiters.c.channel)
+        .where(or_(idle_waiters.c.topic == bindparam("topic"), idle_waiters.c.topic == literal_column("'*'")))
+        .order_by(idle_waiters.c.since)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    picked = (
+        delete(idle_waiters).where(idle_waiters.c.channel == waiter).returning(idle_waiters.c.channel).cte("picked")
+    )
+    channel = func.coalesce(select(picked.c.channel).scalar_subquery(), bindparam("shared"))
+    stmt = select(func.pg_notify(channel, bindparam("payload")))
+    if job:
+        stmt = stmt.add_cte(insert(jobs).values(_JOB_PARAMS).cte("job"))  # a data-modifying CTE always runs
+    if locked:
+        stmt = stmt.select_from(select(func.pg_advisory_xact_lock(ADMISSION_LOCK)).subquery("admission"))
+    return stmt
+
+
+WAKE_ONE = _wake_one()
+# SUBMIT[locked]: a job, its wake-up and, where the submit is admitted against caps, the admission lock.
+SUBMIT = {locked: _wake_one(job=True, locked=locked) for locked in (False, True)}

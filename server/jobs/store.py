@@ -31,7 +31,7 @@ from server.jobs.contract import IN_FLIGHT, TERMINAL, Done, Ending, Job, Status
 from server.jobs.db import Database
 from server.jobs.history import History, Scope
 from server.jobs.models import IN_FLIGHT_ROWS, RUNNING, jobs
-from server.jobs.notify import Notifier
+from server.jobs.notify import Notifier, PostgresNotifier
 from server.jobs.outbox import WebhookOutbox
 from server.jobs.registry import WorkerRegistry
 from server.jobs.retention import Retention
@@ -41,8 +41,6 @@ if TYPE_CHECKING:
     from server.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-_ADMISSION_LOCK = 727002  # PostgreSQL advisory lock id: count-then-insert admissions, one at a time
 
 
 def now_ms() -> int:
@@ -118,6 +116,7 @@ class JobStore:
         self.uploads = Uploads(db)
         self.history = History(db)
         self.retention = Retention(db)
+        self._done_channel = PostgresNotifier.channel("done")  # where a job's end is told (PostgreSQL)
 
     @classmethod
     def open(cls, settings: Settings, *, pool_size: int = 10) -> JobStore:
@@ -146,23 +145,31 @@ class JobStore:
     def create(self, job: Job, admission: Admission | None = None) -> None:
         """Store a new job; with ``admission``, only if the caps still hold (checked and inserted
         in one transaction, so that concurrent submits can never overshoot them)."""
+        admitting = admission is not None and bool(admission.queue_cap or admission.per_key or admission.budget)
+        wake = self.db.wake_params("jobs", job.variant)
         with self.db.write() as conn:
-            conn.execute(sql.INSERT_JOB, job.to_row())
-            # The job's variant: the local notifier wakes one idle worker that runs it.
-            notified = self.db.publish_on_commit(conn, "jobs", job.variant)
-            if admission and (admission.queue_cap or admission.per_key or admission.budget):
-                self._admit(conn, job, admission)  # last: refused, all of the above is rolled back
+            if wake is not None:
+                # PostgreSQL: the job, the wake-up of one idle worker that runs its variant and the
+                # admission lock in one statement (one round trip where they took three).
+                conn.execute(sql.SUBMIT[admitting], {**sql.job_values(job.to_row()), **wake})
+                notified = True
+            else:
+                conn.execute(sql.INSERT_JOB, job.to_row())
+                # The local notifier wakes one idle worker that runs it, after the commit.
+                notified = self.db.publish_on_commit(conn, "jobs", job.variant)
+            if admission and admitting:
+                self._admit(conn, job, admission, locked=wake is not None)  # last: refused, all is rolled back
         if not notified:
             self.db.publish("jobs", job.variant)
 
-    def _admit(self, conn: Connection, job: Job, admission: Admission) -> None:
+    def _admit(self, conn: Connection, job: Job, admission: Admission, *, locked: bool) -> None:
         """The caps, checked after the job's own insert (the counts include it). On PostgreSQL the
-        admissions are serialised by a lock taken here, at the end, so that it is held for the
-        counts and the commit only, not for the insert and the wake-up too: each admitted job was
-        counted with every job admitted before it, which committed before releasing the lock.
-        SQLite's BEGIN IMMEDIATE already serialises writers."""
-        if self.db.is_postgres:
-            conn.execute(text(f"SELECT pg_advisory_xact_lock({_ADMISSION_LOCK})"))
+        admissions are serialised by a lock (``locked``: the submit's statement took it already),
+        taken after the insert and the wake-up, so that it is held for the counts and the commit
+        only: each admitted job was counted with every job admitted before it, which committed
+        before releasing the lock. SQLite's BEGIN IMMEDIATE already serialises writers."""
+        if self.db.is_postgres and not locked:
+            conn.execute(text(f"SELECT pg_advisory_xact_lock({sql.ADMISSION_LOCK})"))
         if admission.queue_cap and stats.one(conn, "jobs.created") > admission.queue_cap:
             raise QueueFull(f"the queue holds {admission.queue_cap} jobs")
         if admission.per_key and self._in_flight(conn, job.api_key_id) > admission.per_key:
@@ -342,15 +349,19 @@ class JobStore:
         return self._end_leased("fail", job_id, token, params)
 
     def _end_leased(self, kind: str, job_id: str, token: str, params: dict[str, Any]) -> bool:
-        """End a leased job (``kind``: complete, fail); publish its ``done`` once committed. False
-        when the lease is gone (nothing was written). PostgreSQL writes the end and its webhook
-        delivery in one statement (statements._delivering), SQLite in one transaction of two."""
-        delivering = self.db.is_postgres
-        with self.db.write_one() if delivering else self.db.write() as conn:
+        """End a leased job (``kind``: complete, fail) and tell of it (``done``). False when the
+        lease is gone (nothing was written, nothing told). PostgreSQL writes the end, its webhook
+        delivery and its ``done`` NOTIFY in one statement (statements._delivering); SQLite the end
+        and the delivery in one transaction of two, then publishes the message."""
+        if self.db.is_postgres:
+            params = {**params, "job_id": job_id, "token": token, "now": now_ms(), "done_channel": self._done_channel}
+            with self.db.write_one() as conn:
+                return conn.execute(sql.END_LEASED[kind, True], params).first() is not None
+        with self.db.write() as conn:
             now = now_ms()
             params = {**params, "job_id": job_id, "token": token, "now": now}
-            row = conn.execute(sql.END_LEASED[kind, delivering], params).first()
-            done = None if row is None else self._ended(conn, job_id, row, now, delivered=delivering)
+            row = conn.execute(sql.END_LEASED[kind, False], params).first()
+            done = None if row is None else self._ended(conn, job_id, row, now)
         if done:
             self.db.publish("done", done)
         return done is not None
@@ -413,12 +424,11 @@ class JobStore:
             return None
         return self._ended(conn, job_id, row, now)
 
-    def _ended(self, conn: Connection, job_id: str, row: Any, now: int, *, delivered: bool = False) -> str:
+    def _ended(self, conn: Connection, job_id: str, row: Any, now: int) -> str:
         """What ends a job besides its row (``row``: what the ending statement returned), in the
-        same transaction: its webhook delivery, unless the statement ``delivered`` it itself (its
-        counters: the triggers of migrations 0005 and 0007); the ``done`` message to publish once
-        committed, with what the end wrote."""
+        same transaction: its webhook delivery (its counters: the triggers of migrations 0005 and
+        0007); the ``done`` message to publish once committed, with what the end wrote."""
         ending = Ending.from_row(row)
-        if row.webhook_url and not delivered:
+        if row.webhook_url:
             self.outbox.enqueue(conn, job_id, row.webhook_url, now)
         return Done(job_id, webhook=bool(row.webhook_url), ending=ending).message()
