@@ -240,7 +240,7 @@ END_LEASED = {
 
 ADMISSION_LOCK = 727002  # the advisory lock that serialises admissions (JobStore._admit)
 
-# A job's INSERT as parameters that are not column names (see the top): JOB_VALUES(job.to_row()).
+# A job's INSERT with parameters that are not column names (see the top): job_values(job.to_row()).
 _JOB_PARAMS = {column.name: bindparam(f"j_{column.name}", type_=column.type) for column in jobs.c}
 
 

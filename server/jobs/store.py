@@ -164,10 +164,11 @@ class JobStore:
 
     def _admit(self, conn: Connection, job: Job, admission: Admission, *, locked: bool) -> None:
         """The caps, checked after the job's own insert (the counts include it). On PostgreSQL the
-        admissions are serialised by a lock (``locked``: the submit's statement took it already),
-        taken after the insert and the wake-up, so that it is held for the counts and the commit
-        only: each admitted job was counted with every job admitted before it, which committed
-        before releasing the lock. SQLite's BEGIN IMMEDIATE already serialises writers."""
+        admissions are serialised by a lock, taken with the insert and the wake-up (``locked``: in
+        the same statement, statements.SUBMIT) or else here, so that it is held for the counts and
+        the commit, not for a round trip of its own: each admitted job was counted with every job
+        admitted before it, which committed before releasing the lock. SQLite's BEGIN IMMEDIATE
+        already serialises writers."""
         if self.db.is_postgres and not locked:
             conn.execute(text(f"SELECT pg_advisory_xact_lock({sql.ADMISSION_LOCK})"))
         if admission.queue_cap and stats.one(conn, "jobs.created") > admission.queue_cap:
