@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.client.backends import Backend, Options, SyncBackend
+from benchmarks.client.backends import Backend, Jobs, Options, SyncBackend
 from benchmarks.client.inputs import Input, data_uri, square_image
 from benchmarks.client.metrics import Record
 from benchmarks.floor import compare_to_floor, floor_table, start_floor
@@ -124,7 +124,7 @@ def interleaved(
 
     async def one(client: httpx.AsyncClient, path: str, seed: int) -> Record:
         rec = Record(path, "C=1", seed, inp.name)
-        await backends[path].send(client, inp, seed, rec, set())
+        await backends[path].send(client, inp, seed, rec, Jobs())
         if not rec.ok:
             raise RuntimeError(f"{path} job {seed}: {rec.code} {rec.error}")
         return rec

@@ -5,6 +5,7 @@ presence and consistency only."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import itertools
@@ -69,6 +70,42 @@ def test_goodput_parse_and_bootstrap() -> None:
     assert same[1] <= 1 <= same[2]
     faster = median_ratio_ci([50.0, 51, 49, 50] * 5, [100.0, 101, 99, 100] * 5)
     assert faster[2] < 1
+
+
+def test_a_submit_in_flight_when_the_run_stops_has_its_job_cancelled() -> None:
+    """Ctrl-C while a submit is on its way: the request ends as interrupted at once, but the
+    server may still create the job. Its answer is awaited, and the job is cancelled with the
+    others, instead of running for nobody."""
+    from benchmarks.client.backends import Options, backend
+    from benchmarks.client.runner import Endpoint, Runner
+    from benchmarks.client.schedule import Load
+
+    async def scenario() -> None:
+        arrived, answer = asyncio.Event(), asyncio.Event()
+        cancelled: list[str] = []
+
+        async def server(request: httpx.Request) -> httpx.Response:
+            if request.url.path.endswith("/cancel"):
+                cancelled.append(request.url.path.split("/")[-2])
+                return httpx.Response(200, json={"code": 200, "data": {}})
+            arrived.set()
+            await answer.wait()  # the submit is in flight when the run stops
+            return httpx.Response(200, json={"code": 200, "data": {"id": "j1", "status": "created"}})
+
+        async with httpx.AsyncClient(transport=httpx.MockTransport(server), base_url="http://s") as client:
+            ep = Endpoint("a", "http://s", backend("v3", Options()), client)
+            stop = asyncio.Event()
+            runner = Runner([ep], builtin()[:1], seed=0, timeout_s=60, stop=stop)
+            run = asyncio.ensure_future(runner.run(Load(rate=None, concurrency=1), 1))
+            await arrived.wait()
+            stop.set()
+            [record] = (await run)["a"][0]
+            assert record.code == "interrupted" and not record.ok
+            answer.set()  # the server answers after the client stopped waiting
+            assert await runner.cancel_unfinished() == 1
+            assert cancelled == ["j1"] and record.id == "j1"
+
+    asyncio.run(scenario())
 
 
 def test_a_figure_that_cannot_be_drawn_is_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import httpx
 
@@ -21,6 +22,7 @@ from benchmarks.client.inputs import Input
 from benchmarks.client.metrics import Record
 
 BACKENDS = ("v3", "v3-sync", "openai")
+T = TypeVar("T")
 
 
 class Fatal(Exception):
@@ -35,6 +37,41 @@ class Options:
     download: bool = True
     poll_s: float = 0.25
     fast_poll_s: float = 0.015
+
+
+@dataclass
+class Jobs:
+    """One endpoint's jobs that this run submitted and has not seen finish (cancelled at the end of a
+    run cut short), and its submits in flight. A submit cut short by Ctrl-C or a timeout may still
+    create its job on the server: it is let finish (``submit``), so that its job is known and
+    cancelled too, instead of running for nobody."""
+
+    ids: set[str] = field(default_factory=set)
+    _submits: set[asyncio.Future[Any]] = field(default_factory=set)
+
+    def add(self, job_id: str) -> None:
+        self.ids.add(job_id)
+
+    def discard(self, job_id: str) -> None:
+        self.ids.discard(job_id)
+
+    async def submit(self, call: Awaitable[T]) -> T:
+        """``await call``; cancelled meanwhile, the caller stops waiting but ``call`` goes on (what
+        it learns, it records itself) until ``settle``."""
+        task = asyncio.ensure_future(call)
+        self._submits.add(task)
+        task.add_done_callback(self._forget)
+        return await asyncio.shield(task)
+
+    def _forget(self, task: asyncio.Future[Any]) -> None:
+        self._submits.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: one nobody waited for any more fails quietly (its record says why)
+
+    async def settle(self, timeout_s: float) -> None:
+        """Wait (up to ``timeout_s``) for the submits still in flight, so that their jobs are known."""
+        if self._submits:
+            await asyncio.wait(set(self._submits), timeout=timeout_s)
 
 
 def _ms(since: float) -> float:
@@ -112,15 +149,13 @@ class Backend:
     async def cancel(self, client: httpx.AsyncClient, job_id: str) -> None:
         await client.post(f"/api/v3/predictions/{job_id}/cancel", timeout=5)
 
-    async def send(self, client: httpx.AsyncClient, inp: Input, seed: int, rec: Record, jobs: set[str]) -> None:
+    async def send(self, client: httpx.AsyncClient, inp: Input, seed: int, rec: Record, jobs: Jobs) -> None:
         started = time.perf_counter()
-        r = await client.post(f"/api/v3/{self.opts.model}", json=self.body(inp, seed, sync=False))
+        r = await jobs.submit(self._submit(client, self.body(inp, seed, sync=False), rec, jobs))
         rec.upload_ms = _ms(started)
         if not _accepted(r, rec):
             return
         data = r.json()["data"]
-        rec.id = data["id"]
-        jobs.add(rec.id)
         poller, last, gap = Poller(self.opts), time.perf_counter(), 0.0
         while data["status"] not in ("completed", "failed"):
             await asyncio.sleep(poller.interval(data))
@@ -133,6 +168,14 @@ class Backend:
         jobs.discard(rec.id)
         rec.resolution_ms = gap * 1000
         await self.finish(client, data, started, rec)
+
+    async def _submit(self, client: httpx.AsyncClient, body: dict[str, Any], rec: Record, jobs: Jobs) -> httpx.Response:
+        """The POST, and the job it created recorded (whether or not anyone still waits for it)."""
+        r = await client.post(f"/api/v3/{self.opts.model}", json=body)
+        if r.status_code == 200:
+            rec.id = r.json()["data"]["id"]
+            jobs.add(rec.id)
+        return r
 
     async def finish(self, client: httpx.AsyncClient, data: dict[str, Any], started: float, rec: Record) -> None:
         if data["status"] != "completed":
@@ -162,7 +205,7 @@ class SyncBackend(Backend):
 
     name = "v3-sync"
 
-    async def send(self, client: httpx.AsyncClient, inp: Input, seed: int, rec: Record, jobs: set[str]) -> None:
+    async def send(self, client: httpx.AsyncClient, inp: Input, seed: int, rec: Record, jobs: Jobs) -> None:
         started = time.perf_counter()
         r = await client.post(f"/api/v3/{self.opts.model}", json=self.body(inp, seed, sync=True))
         if not _accepted(r, rec):
@@ -191,7 +234,7 @@ class OpenAIBackend(Backend):
     async def preflight(self, client: httpx.AsyncClient) -> None:
         _check(await _call(client, "POST", "/v1/images/edits", files={"prompt": (None, "")}), client)
 
-    async def send(self, client: httpx.AsyncClient, inp: Input, seed: int, rec: Record, jobs: set[str]) -> None:
+    async def send(self, client: httpx.AsyncClient, inp: Input, seed: int, rec: Record, jobs: Jobs) -> None:
         if inp.image_bytes is None:
             rec.code, rec.error = "input", "the openai backend uploads the image: give a file or data URI"
             return

@@ -5,7 +5,8 @@ Endpoints are measured in the same run on the same inputs: request ``i`` goes to
 open loop: at the same instant of one shared schedule), so whatever else the machine is doing hits
 all of them alike. Open loop sends on schedule and never waits for a reply (only for a free slot
 under ``--max-concurrency``). ``stop`` (Ctrl-C) ends sending at once; requests in flight are
-abandoned as ``interrupted`` and their jobs left in ``Endpoint.jobs`` for the caller to cancel.
+abandoned as ``interrupted`` and their jobs left in ``Endpoint.jobs`` for the caller to cancel (a
+submit in flight is let finish, so that its job is known: ``backends.Jobs``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from typing import Any
 
 import httpx
 
-from benchmarks.client.backends import Backend
+from benchmarks.client.backends import Backend, Jobs
 from benchmarks.client.inputs import Input
 from benchmarks.client.metrics import Record
 from benchmarks.client.schedule import Load, arrivals
+
+SETTLE_S = 10.0  # how long a run cut short waits for its submits in flight to answer
 
 
 @dataclass
@@ -31,7 +34,7 @@ class Endpoint:
     url: str
     backend: Backend
     client: httpx.AsyncClient
-    jobs: set[str] = field(default_factory=set)  # submitted, not seen finished: cancelled on Ctrl-C
+    jobs: Jobs = field(default_factory=Jobs)  # submitted, not seen finished: cancelled on Ctrl-C
 
 
 @dataclass
@@ -125,9 +128,11 @@ class Runner:
         return [r if isinstance(r, Record) else None for r in results]
 
     async def cancel_unfinished(self) -> int:
-        """POST .../cancel for every job this run submitted and did not see finish."""
-        calls = [(ep, job) for ep in self.endpoints for job in list(ep.jobs)]
+        """POST .../cancel for every job this run submitted and did not see finish, those of the
+        submits that were in flight when it stopped included (waited for, a few seconds at most)."""
+        await asyncio.gather(*(ep.jobs.settle(SETTLE_S) for ep in self.endpoints))
+        calls = [(ep, job) for ep in self.endpoints for job in list(ep.jobs.ids)]
         done = await asyncio.gather(*(ep.backend.cancel(ep.client, job) for ep, job in calls), return_exceptions=True)
         for ep in self.endpoints:
-            ep.jobs.clear()
+            ep.jobs.ids.clear()
         return sum(1 for d in done if not isinstance(d, BaseException))
