@@ -184,8 +184,9 @@ class Database:
         after its commit."""
         if not isinstance(self.notifier, PostgresNotifier):
             return False
-        if self.notifier.wakes_one(channel, payload):
-            conn.execute(sql.WAKE_ONE, self.wake_params(channel, payload))
+        wake = self.wake_params(channel, payload)
+        if wake is not None:
+            conn.execute(sql.WAKE_ONE, wake)
         else:
             conn.execute(select(func.pg_notify(self.notifier.channel(channel), payload)))
         return True

@@ -238,7 +238,8 @@ END_LEASED = {
 
 # --- PostgreSQL: a job's wake-up, and a submit in one statement ------------------------------------
 
-ADMISSION_LOCK = 727002  # the advisory lock that serialises admissions (JobStore._admit)
+# The advisory lock that serialises admissions (JobStore._admit), alone or inside SUBMIT.
+ADMISSION_LOCK = select(func.pg_advisory_xact_lock(727002))
 
 # A job's INSERT with parameters that are not column names (see the top): job_values(job.to_row()).
 _JOB_PARAMS = {column.name: bindparam(f"j_{column.name}", type_=column.type) for column in jobs.c}
@@ -274,7 +275,7 @@ def _wake_one(*, job: bool = False, locked: bool = False) -> Select:  # type: ig
     if job:
         stmt = stmt.add_cte(insert(jobs).values(_JOB_PARAMS).cte("job"))  # a data-modifying CTE always runs
     if locked:
-        stmt = stmt.select_from(select(func.pg_advisory_xact_lock(ADMISSION_LOCK)).subquery("admission"))
+        stmt = stmt.select_from(ADMISSION_LOCK.subquery("admission"))
     return stmt
 
 

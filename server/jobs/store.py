@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import Connection, func, select, text, update
+from sqlalchemy import Connection, func, select, update
 
 from server.errors import INTERNAL_ERROR, TASK_FAILED
 from server.jobs import statements as sql
@@ -145,20 +145,20 @@ class JobStore:
     def create(self, job: Job, admission: Admission | None = None) -> None:
         """Store a new job; with ``admission``, only if the caps still hold (checked and inserted
         in one transaction, so that concurrent submits can never overshoot them)."""
-        admitting = admission is not None and bool(admission.queue_cap or admission.per_key or admission.budget)
+        caps = admission if admission and (admission.queue_cap or admission.per_key or admission.budget) else None
         wake = self.db.wake_params("jobs", job.variant)
         with self.db.write() as conn:
             if wake is not None:
                 # PostgreSQL: the job, the wake-up of one idle worker that runs its variant and the
                 # admission lock in one statement (one round trip where they took three).
-                conn.execute(sql.SUBMIT[admitting], {**sql.job_values(job.to_row()), **wake})
+                conn.execute(sql.SUBMIT[caps is not None], {**sql.job_values(job.to_row()), **wake})
                 notified = True
             else:
                 conn.execute(sql.INSERT_JOB, job.to_row())
                 # The local notifier wakes one idle worker that runs it, after the commit.
                 notified = self.db.publish_on_commit(conn, "jobs", job.variant)
-            if admission and admitting:
-                self._admit(conn, job, admission, locked=wake is not None)  # last: refused, all is rolled back
+            if caps is not None:
+                self._admit(conn, job, caps, locked=wake is not None)  # last: refused, all is rolled back
         if not notified:
             self.db.publish("jobs", job.variant)
 
@@ -170,7 +170,7 @@ class JobStore:
         admitted before it, which committed before releasing the lock. SQLite's BEGIN IMMEDIATE
         already serialises writers."""
         if self.db.is_postgres and not locked:
-            conn.execute(text(f"SELECT pg_advisory_xact_lock({sql.ADMISSION_LOCK})"))
+            conn.execute(sql.ADMISSION_LOCK)
         if admission.queue_cap and stats.one(conn, "jobs.created") > admission.queue_cap:
             raise QueueFull(f"the queue holds {admission.queue_cap} jobs")
         if admission.per_key and self._in_flight(conn, job.api_key_id) > admission.per_key:
