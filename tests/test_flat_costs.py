@@ -169,6 +169,25 @@ def test_counters_follow_every_move_of_a_job(store: JobStore) -> None:
     assert counters["inference.le.2500"] == 1
 
 
+def test_a_job_inserted_already_started_is_observed_as_a_start(store: JobStore) -> None:
+    """A job handed to a worker by its submit (PostgreSQL: statements.SUBMIT) is inserted running,
+    its attempt spent: the queue-wait histogram observes that start as it observes a claim's
+    (migration 0009, on both databases, whichever code inserts such a row)."""
+    from benchmarks.jobs import store_job
+    from server.jobs import statements as sql
+
+    queued = store_job(variant="edit")
+    started = store_job(variant="edit", status=Status.PROCESSING, attempts=1, lease_token="t", lease_owner="w")
+    started.started_at = started.created_at + 40
+    with store.db.write() as conn:
+        conn.execute(sql.INSERT_JOB, queued.to_row())
+        conn.execute(sql.INSERT_JOB, started.to_row())
+    counters = store.counters()
+    assert counters["queue_wait.count"] == 1 and counters["queue_wait.sum_ms"] == 40
+    assert counters["queue_wait.le.50"] == 1
+    assert store.count_by_status() == actual_counts(store)
+
+
 def test_upgrading_an_old_store_backfills_the_counters(tmp_path: Path) -> None:
     from alembic import command
     from alembic.config import Config

@@ -191,9 +191,12 @@ class Job:
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
-        values = dict(row._mapping)
-        values["status"] = Status(values["status"])
-        values["params"] = JobParams.from_json(values["params"] or {})
+        return cls.from_values(dict(row._mapping))
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> Job:
+        """The job of ``to_row()``'s values (a row read, or a ``Handoff``'s)."""
+        values = {**values, "status": Status(values["status"]), "params": JobParams.from_json(values["params"] or {})}
         return cls(**values)
 
     def ended(self, ending: Ending) -> Job:
@@ -289,6 +292,37 @@ class Done:
             except (ValueError, KeyError, TypeError):
                 ending = None  # the listener reads the row
         return cls(str(job_id), webhook=bool(body.get("webhook")), ending=ending)
+
+
+# A job handed to a worker starts with a lease this long at most: its heartbeat renews it to the
+# worker's own lease within half a second. A job handed to a worker that died meanwhile is reaped
+# (and queued again) once it runs out, instead of after a whole lease.
+HANDOFF_LEASE_S = 10.0
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A job handed to an idle worker (PostgreSQL): the submit that picked the worker inserted the
+    job leased to it, and sends it the job on the worker's own channel, so that the worker starts it
+    without a claim. ``job`` is the row as inserted, but for ``lease_owner`` (the submit's statement
+    writes the picked worker's id there; the worker knows its own)."""
+
+    job: Job
+
+    def message(self) -> str | None:
+        """The message, or None when it would not fit a NOTIFY (then the job is queued, not handed)."""
+        text = json.dumps({"handoff": self.job.to_row()}, separators=(",", ":"))
+        return text if len(text.encode()) <= MAX_MESSAGE_BYTES else None
+
+    @classmethod
+    def parse(cls, payload: str) -> Handoff | None:
+        """A handoff as sent; None for anything else (a bare wake-up, a variant's name)."""
+        if not payload.startswith('{"handoff"'):
+            return None
+        try:
+            return cls(Job.from_values(json.loads(payload)["handoff"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"a handoff that does not parse: {exc}") from exc
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,8 @@ uploads = Table(
 )
 
 # PostgreSQL wake-one: one row per worker waiting for jobs right now, keyed by its own LISTEN channel
-# (server/jobs/notify.py). Unlogged there (migration 0006); unused on SQLite.
+# (server/jobs/notify.py). Unlogged there (migration 0006); unused on SQLite. ``owner``: the waiting
+# worker's id, to which a submit may hand its job (migration 0009; NULL: a waiter that only wakes).
 idle_waiters = Table(
     "idle_waiters",
     metadata,
@@ -173,6 +174,7 @@ idle_waiters = Table(
     Column("topic", String(64), nullable=False),
     Column("pid", Integer, nullable=False),  # the listening backend's, to forget dead ones
     Column("since", BigInteger, nullable=False),
+    Column("owner", String(128), nullable=True),
 )
 
 # Small server-wide values every replica must agree on (webhook secret, upload signing key).

@@ -3,7 +3,8 @@
 Two channels: ``jobs`` (a job was queued: workers, wake up) and ``done`` (a job ended; the payload
 is its id and what its end wrote: sync-mode waiters and the webhook dispatcher, wake up). A
 notification is only a hint: every waiter also polls at a slow interval, so a lost one costs
-latency, never a job.
+latency, never a job (a handoff lost with its worker too: its short lease runs out, and the reaper
+queues the job again).
 
 - ``LocalNotifier``: processes on one machine (the embedded SQLite default). Each subscriber binds a
   Unix datagram socket in ``run_dir/<channel>/``; publishing sends one datagram to each, except on
@@ -18,8 +19,10 @@ latency, never a job.
   table). A submit takes one such row of its variant (``FOR UPDATE SKIP LOCKED``: two submits never
   pick the same worker) and notifies that worker's channel, in the submit's own transaction (no extra
   round trip); with none idle it notifies the shared channel, which every worker reads at its next
-  wait. A row left by a worker that died costs one lost hint (its job waits for a poll) and is
-  removed by the pick itself, or by the next worker to connect.
+  wait. A row whose listening connection is gone (its worker died) is never picked, and is removed
+  by the next worker to connect. A worker's row names it (``owner``): a submit that picks it hands
+  it the job itself, leased to it in the submit's statement (``contract.Handoff``), so that it
+  starts without a claim (server/worker/inbox.py).
 """
 
 from __future__ import annotations
@@ -80,8 +83,10 @@ class Readable(Protocol):
 class Notifier(Protocol):
     def publish(self, channel: str, payload: str = "") -> None: ...
 
-    def subscribe(self, channel: str, topic: str = "") -> Subscription:
-        """Listen on ``channel``; ``topic``: the payloads this subscriber serves ("": any)."""
+    def subscribe(self, channel: str, topic: str = "", *, owner: str | None = None) -> Subscription:
+        """Listen on ``channel``; ``topic``: the payloads this subscriber serves ("": any). ``owner``:
+        the id of the worker that waits, to which a submit may hand its job (``contract.Handoff``,
+        PostgreSQL only): its waits may return handoffs, which it must run or release."""
 
 
 class NullNotifier:
@@ -90,7 +95,7 @@ class NullNotifier:
     def publish(self, channel: str, payload: str = "") -> None:
         return None
 
-    def subscribe(self, channel: str, topic: str = "") -> Subscription:
+    def subscribe(self, channel: str, topic: str = "", *, owner: str | None = None) -> Subscription:
         return _SleepSubscription()
 
 
@@ -143,7 +148,8 @@ class LocalNotifier:
             for path in entries:
                 _send(sock, path, data)
 
-    def subscribe(self, channel: str, topic: str = "") -> Subscription:
+    def subscribe(self, channel: str, topic: str = "", *, owner: str | None = None) -> Subscription:
+        # No handoffs here: a local publisher picks its waiter after the submit's commit.
         return _LocalSubscription(self.root / channel, topic if _TOPIC.match(topic) else "*", channel in WAKE_ONE)
 
 
@@ -232,8 +238,9 @@ class _LocalSubscription:
 
 # The submitter's side of wake-one is a statement of the job store's (statements.WAKE_ONE, SUBMIT).
 _IDLE = (
-    "INSERT INTO idle_waiters (channel, topic, pid, since) VALUES (%s, %s, pg_backend_pid(), %s) "
-    "ON CONFLICT (channel) DO UPDATE SET topic = excluded.topic, pid = excluded.pid, since = excluded.since"
+    "INSERT INTO idle_waiters (channel, topic, pid, since, owner) VALUES (%s, %s, pg_backend_pid(), %s, %s) "
+    "ON CONFLICT (channel) DO UPDATE SET topic = excluded.topic, pid = excluded.pid, since = excluded.since, "
+    "owner = excluded.owner"
 )
 _BUSY = "DELETE FROM idle_waiters WHERE channel = %s"
 # Rows of listeners whose connection is gone (their worker died): a new listener clears them.
@@ -258,20 +265,27 @@ class PostgresNotifier:
     def publish(self, channel: str, payload: str = "") -> None:
         self._publish(channel, payload)
 
-    def subscribe(self, channel: str, topic: str = "") -> Subscription:
+    def subscribe(self, channel: str, topic: str = "", *, owner: str | None = None) -> Subscription:
         own_topic = (topic if _TOPIC.match(topic) else "*") if channel in WAKE_ONE else None
-        return _PostgresSubscription(self.dsn, self.channel(channel), own_topic)
+        return _PostgresSubscription(self.dsn, self.channel(channel), own_topic, owner)
 
 
 class _PostgresSubscription:
-    def __init__(self, dsn: str, channel: str, topic: str | None) -> None:
+    def __init__(self, dsn: str, channel: str, topic: str | None, owner: str | None = None) -> None:
         self.dsn = dsn
         self.channel = channel
         self.topic = topic  # None: no wake-one, the shared channel only
+        self.owner = owner  # on its idle row: a submit that picks it hands it the job
         # Unquoted identifiers fold to lower case, so the name is lower case from the start.
         self.own = f"{channel}_{secrets.token_hex(6)}" if topic is not None else None
         self.conn: Any = None
         self._closed = threading.Event()
+        # wake() writes here: a wait watches it beside the connection (a NOTIFY to make a wait
+        # return took a connection of its own, opened and closed each time).
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._pipe_lock = threading.Lock()
         # LISTEN now, not at the first wait: what is published between subscribe() and that wait
         # would be lost. A database that is down is retried by wait().
         try:
@@ -301,20 +315,27 @@ class _PostgresSubscription:
                 self.conn = self._connect()
             idle = ready and self.own is not None
             if idle:
-                self.conn.execute(_IDLE, (self.own, self.topic, int(time.time() * 1000)))
+                self.conn.execute(_IDLE, (self.own, self.topic, int(time.time() * 1000), self.owner))
             got: list[Any] = []
             try:
-                # notifies() runs until its timeout unless stopped: stop at the first, then take
-                # whatever else has already arrived.
-                got = list(self.conn.notifies(timeout=timeout, stop_after=1))
-                if got:
-                    got += self.conn.notifies(timeout=0, stop_after=64)
+                # What already came (read with an earlier statement's answer) first; else wait for
+                # the connection or a wake(), whichever is first, and take what came.
+                got = list(self.conn.notifies(timeout=0, stop_after=64))
+                if not got:
+                    readable = select.select([self.conn.fileno(), self._wake_r], [], [], timeout)[0]
+                    if self._wake_r in readable:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
+                    got = list(self.conn.notifies(timeout=0, stop_after=64))
             finally:
                 # Busy from here. A job's message on its own channel came from a submitter that
                 # removed its row already: no round trip to remove it (it sat before the claim).
-                # wake()'s empty one did not.
+                # wake()'s empty one did not. A submitter that picked the row just before the
+                # DELETE committed first (the DELETE waited for its lock): its message, a handoff
+                # maybe, is taken now rather than left for a wait that may be long in coming.
                 if idle and not any(n.channel == self.own and n.payload for n in got):
                     self.conn.execute(_BUSY, (self.own,))
+                    got += self.conn.notifies(timeout=0, stop_after=64)
             return [n.payload for n in got]
         except Exception as exc:  # database restarting: poll until it is back
             log.debug("listen connection lost", channel=self.channel, error=str(exc))
@@ -335,14 +356,11 @@ class _PostgresSubscription:
         return [n.payload for n in self.conn.notifies(timeout=0)]
 
     def wake(self) -> None:
-        """A worker's own channel: notify it on a connection of its own (the waiting thread holds
-        ``conn``). The done-listener's channel is shared by every replica: its 0.5 s waits end soon."""
-        if self.own is None or self._closed.is_set():
-            return
-        import psycopg
-
-        with contextlib.suppress(Exception), psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
-            conn.execute("SELECT pg_notify(%s, '')", (self.own,))
+        """Make a wait return now (it returns what came meanwhile, maybe nothing)."""
+        with self._pipe_lock:  # never a write to a descriptor close() just gave back
+            if not self._closed.is_set():
+                with contextlib.suppress(OSError):  # full: a wake is pending already
+                    self._wake_w.send(b"w")
 
     def _drop(self) -> None:
         if self.conn is not None:
@@ -351,5 +369,11 @@ class _PostgresSubscription:
             self.conn = None
 
     def close(self) -> None:
-        self._closed.set()
+        with self._pipe_lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            self._wake_w.close()
         self._drop()
+        # The read end stays open for a wait that may be running on another thread (closing it
+        # under select() is undefined); it is closed with the object.

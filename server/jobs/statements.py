@@ -20,6 +20,7 @@ from sqlalchemy import (
     case,
     cast,
     delete,
+    exists,
     func,
     insert,
     literal,
@@ -250,35 +251,77 @@ def job_values(row: dict[str, Any]) -> dict[str, Any]:
     return {f"j_{name}": value for name, value in row.items()}
 
 
-def _wake_one(*, job: bool = False, locked: bool = False) -> Select:  # type: ignore[type-arg]
+# A job's columns that a handoff sets otherwise than a queued job's (the ``h_<column>`` parameters
+# of SUBMIT[..., True]: statements.handoff_values), besides ``lease_owner`` (the picked worker's).
+HANDED_COLUMNS = ("status", "attempts", "lease_token", "lease_expires_at", "started_at")
+
+
+def handoff_values(row: dict[str, Any]) -> dict[str, Any]:
+    """The handed job's ``to_row()`` as the ``h_<column>`` parameters of SUBMIT[..., True]."""
+    return {f"h_{name}": row[name] for name in HANDED_COLUMNS}
+
+
+def _alive(pid: Any) -> ColumnElement[bool]:
+    """Whether the backend ``pid`` is still connected: a worker that died left its row behind."""
+    return exists(select(literal_column("1")).select_from(func.pg_stat_get_activity(pid).alias("backend")))
+
+
+def _wake_one(*, job: bool = False, locked: bool = False, handoff: bool = False) -> Select:  # type: ignore[type-arg]
     """The submitter's side of wake-one: take the longest-idle waiter of the topic (or of any, '*')
-    and notify its channel, else the shared one (binds ``topic``, ``shared``, ``payload``). Run inside
-    the submit's transaction, the NOTIFY goes out with its commit.
+    whose connection is alive and notify its channel, else the shared one (binds ``topic``,
+    ``shared``, ``payload``). Run inside the submit's transaction, the NOTIFY goes out with its
+    commit.
 
     ``job``: with the job's INSERT (binds ``j_<column>``) in the same statement. ``locked``: with the
     admission lock taken too, so that the caps' counts, the next statement, read every job admitted
     before this one (each committed before its lock was released). Where the lock is taken inside
-    this statement does not matter: the counts read after it, in a snapshot of their own."""
+    this statement does not matter: the counts read after it, in a snapshot of their own.
+    ``handoff`` (with ``job``): where the waiter picked is a worker of the job's variant (its row has
+    an ``owner``, and the topic itself, not '*'), the job is inserted leased to it (binds
+    ``h_<column>``: HANDED_COLUMNS) and its channel gets the ``handoff`` parameter
+    (contract.Handoff) instead of ``payload``: it starts without a claim."""
     waiter = (
         select(idle_waiters.c.channel)
-        .where(or_(idle_waiters.c.topic == bindparam("topic"), idle_waiters.c.topic == literal_column("'*'")))
+        .where(
+            or_(idle_waiters.c.topic == bindparam("topic"), idle_waiters.c.topic == literal_column("'*'")),
+            _alive(idle_waiters.c.pid),
+        )
         .order_by(idle_waiters.c.since)
         .limit(1)
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
     picked = (
-        delete(idle_waiters).where(idle_waiters.c.channel == waiter).returning(idle_waiters.c.channel).cte("picked")
+        delete(idle_waiters)
+        .where(idle_waiters.c.channel == waiter)
+        .returning(idle_waiters.c.channel, idle_waiters.c.owner, idle_waiters.c.topic)
+        .cte("picked")
     )
     channel = func.coalesce(select(picked.c.channel).scalar_subquery(), bindparam("shared"))
-    stmt = select(func.pg_notify(channel, bindparam("payload")))
+    payload: Any = bindparam("payload")
+    values: dict[str, Any] = dict(_JOB_PARAMS)
+    if handoff:
+        # A worker of this very variant: one that waits for any ('*') runs another model.
+        owner = select(picked.c.owner).where(picked.c.topic == bindparam("topic")).scalar_subquery()
+        handed = owner.is_not(None)
+        for name in HANDED_COLUMNS:
+            given = bindparam(f"h_{name}", type_=jobs.c[name].type)
+            values[name] = case((handed, given), else_=_JOB_PARAMS[name])
+        values["lease_owner"] = owner
+        payload = case((handed, bindparam("handoff")), else_=payload)
+    stmt = select(func.pg_notify(channel, payload))
     if job:
-        stmt = stmt.add_cte(insert(jobs).values(_JOB_PARAMS).cte("job"))  # a data-modifying CTE always runs
+        stmt = stmt.add_cte(insert(jobs).values(values).cte("job"))  # a data-modifying CTE always runs
     if locked:
         stmt = stmt.select_from(ADMISSION_LOCK.subquery("admission"))
     return stmt
 
 
 WAKE_ONE = _wake_one()
-# SUBMIT[locked]: a job, its wake-up and, where the submit is admitted against caps, the admission lock.
-SUBMIT = {locked: _wake_one(job=True, locked=locked) for locked in (False, True)}
+# SUBMIT[locked, handoff]: a job, its wake-up and, where the submit is admitted against caps, the
+# admission lock; ``handoff``: the job handed to the waiter picked, where that is a worker.
+SUBMIT = {
+    (locked, handoff): _wake_one(job=True, locked=locked, handoff=handoff)
+    for locked in (False, True)
+    for handoff in (False, True)
+}

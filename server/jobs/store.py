@@ -18,7 +18,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -27,7 +27,7 @@ from sqlalchemy import Connection, func, select, update
 from server.errors import INTERNAL_ERROR, TASK_FAILED
 from server.jobs import statements as sql
 from server.jobs import stats
-from server.jobs.contract import IN_FLIGHT, TERMINAL, Done, Ending, Job, Status
+from server.jobs.contract import HANDOFF_LEASE_S, IN_FLIGHT, TERMINAL, Done, Ending, Handoff, Job, Status
 from server.jobs.db import Database
 from server.jobs.history import History, Scope
 from server.jobs.models import IN_FLIGHT_ROWS, RUNNING, jobs
@@ -150,8 +150,10 @@ class JobStore:
         with self.db.write() as conn:
             if wake is not None:
                 # PostgreSQL: the job, the wake-up of one idle worker that runs its variant and the
-                # admission lock in one statement (one round trip where they took three).
-                conn.execute(sql.SUBMIT[caps is not None], {**sql.job_values(job.to_row()), **wake})
+                # admission lock in one statement (one round trip where they took three); the job
+                # handed to that worker where it is one, so that it starts without a claim.
+                params = {**sql.job_values(job.to_row()), **wake, **self._handoff(job)}
+                conn.execute(sql.SUBMIT[caps is not None, "handoff" in params], params)
                 notified = True
             else:
                 conn.execute(sql.INSERT_JOB, job.to_row())
@@ -161,6 +163,25 @@ class JobStore:
                 self._admit(conn, job, caps, locked=wake is not None)  # last: refused, all is rolled back
         if not notified:
             self.db.publish("jobs", job.variant)
+
+    @staticmethod
+    def _handoff(job: Job) -> dict[str, Any]:
+        """SUBMIT's parameters for handing ``job`` to the idle worker it picks (PostgreSQL): the job
+        as leased to that worker, and the message that tells it so. None of them where the message
+        would not fit a NOTIFY (a prompt of kilobytes): then the job is queued, and claimed."""
+        now = now_ms()
+        leased = replace(
+            job,
+            status=Status.PROCESSING,
+            attempts=job.attempts + 1,
+            lease_token=secrets.token_hex(16),
+            lease_expires_at=now + int(HANDOFF_LEASE_S * 1000),
+            started_at=now,
+        )
+        message = Handoff(leased).message()
+        if message is None:
+            return {}
+        return {**sql.handoff_values(leased.to_row()), "handoff": message}
 
     def _admit(self, conn: Connection, job: Job, admission: Admission, *, locked: bool) -> None:
         """The caps, checked after the job's own insert (the counts include it). On PostgreSQL the

@@ -7,6 +7,7 @@ it is handed back to the queue. A second request hands it back at once.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import signal
@@ -27,6 +28,7 @@ from server.settings import Settings
 from server.storage.base import Storage
 from server.worker.execute import Executor, OutputStep, Runner
 from server.worker.heartbeat import Heartbeat, Presence
+from server.worker.inbox import Inbox
 from server.worker.overlap import Overlap
 from server.worker.runs import RunBoard, RunState
 from server.worker.safety import SafetyChecker
@@ -55,7 +57,7 @@ class Worker:
         # could take both for the first and lose the hand-back the second one asked for.
         self._stop_requests = itertools.count()
         self.abandon = threading.Event()  # hand the job in hand back now, stop waiting on the store
-        self._sub: Subscription | None = None  # the claim loop's wake-ups
+        self._sub: Inbox | None = None  # the claim loop's wake-ups, with the jobs handed to this worker
         # Post-processing of each job's output images before they are stored (a safety checker...).
         self.output_steps: list[OutputStep] = []
         self._last_reap = 0.0
@@ -125,13 +127,15 @@ class Worker:
         if released:
             log.warning("requeued jobs left running by this worker's previous life", count=released)
         self.presence.set(WorkerState.READY)
-        sub = self._sub = self.store.notifier.subscribe("jobs", self.variant.name)
+        sub = self._sub = Inbox(self.store.notifier.subscribe("jobs", self.variant.name, owner=self.id), self.id)
         try:
             if self.settings.worker_overlap:
                 Overlap(self, executor, sub).run()
             else:
                 self._serial(executor, sub)
         finally:
+            sub.wait(0, ready=False)  # a handoff already sent, not yet read
+            self.release_handed(sub.take_all())
             sub.close()
             self.stopping.set()
             self.heartbeat.stop()
@@ -168,14 +172,29 @@ class Worker:
         return not self.stopping.is_set()
 
     def claim_next(self, *, spend_attempt: bool, woken: list[str] | None = None) -> Job | None:
-        """``woken``: what the wait before this claim returned (a job of this variant queued since
-        the last claim: the store may skip its look before the write)."""
+        """The next job: one handed to this worker (already leased to it, its attempt spent), else
+        one claimed. ``spend_attempt=False``: claimed ahead, while the pipeline is busy: a job
+        handed meanwhile (its message came late, after the wait it was meant for) cannot start now,
+        so it goes back to the queue unspent, and is claimed like any other. ``woken``: what the
+        wait before this claim returned (a job of this variant queued since the last claim: the
+        store may skip its look before the write)."""
+        if self._sub is not None:
+            handed = self._sub.take()
+            if handed is not None and spend_attempt:
+                return handed
+            self.release_handed([handed] if handed else [])
         hinted = woken is not None and self.variant.name in woken
         return self._safely(
             lambda: self.store.claim(
                 self.id, [self.variant.name], self.settings.lease_s, spend_attempt=spend_attempt, woken=hinted
             )
         )
+
+    def release_handed(self, handed: list[Job]) -> None:
+        """Jobs handed to this worker that it will not start: back to the queue, their attempt refunded."""
+        for job in handed:
+            released = self._safely(functools.partial(self.store.release, job.id, job.lease_token or "", refund=True))
+            log.info("handed job returned to the queue", prediction_id=job.id, released=bool(released))
 
     def compatible(self, job: Job, sub: Subscription, *, spend_attempt: bool = True) -> list[Job]:
         """Queued jobs that may share ``job``'s pipeline call, waiting up to ``batch_wait_ms`` for them."""

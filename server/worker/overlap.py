@@ -101,6 +101,12 @@ class Overlap:
         self.beginning = False  # the prefetch thread is beginning the job ahead: the pipeline waits for it
         self._cond = threading.Condition()  # guards current, ahead, beginning; notified when one changes
         self._woken: list[str] = []  # what the prefetch thread's last wait for jobs returned
+        # PostgreSQL hands a job to an idle worker (server/worker/inbox.py), and only to one whose
+        # wait said it is ready. A wait begun while the pipeline was busy is not: when the pipeline
+        # frees with nothing ahead, that wait is ended so that the next one is ready.
+        self._wake_when_free = worker.store.db.is_postgres
+        self._busy_wait = False  # the prefetch thread waits, not ready (guarded by _cond)
+        self._freed = False  # that wait was ended because the pipeline freed (guarded by _cond)
         self._outputs = OutputThreads(worker.settings.worker_output_threads, executor.job_errors)
 
     def run(self) -> None:
@@ -144,7 +150,11 @@ class Overlap:
             self.worker.check_runner(self.executor)
             with self._cond:
                 self.current = None
+                freed = self._wake_when_free and self._busy_wait and self.ahead is None and not self._freed
+                self._freed = self._freed or freed
                 self._cond.notify_all()
+            if freed:
+                self.sub.wake()
 
     def _finish(self, run: Run, store_result: Callable[[], None]) -> None:
         """A finished run to the output threads, or, when no job is ahead and finishing is known to
@@ -188,13 +198,20 @@ class Overlap:
             self._return_ahead()
 
     def _claim_ahead(self, idle: bool) -> None:
+        with self._cond:
+            freed, self._freed = self._freed, False
+        if idle and freed and not self._woken:
+            # The wait was ended only because the pipeline freed: no job was queued since the
+            # claim before it found none (its message would have ended the wait with a payload).
+            # Wait ready at once, without a claim that would find nothing.
+            self._wait(idle)
+            return
         # Idle: the job starts at once, so its attempt is spent with the claim (no extra write).
         started = time.perf_counter()
         job = self.worker.claim_next(spend_attempt=idle, woken=self._woken if idle else None)
         self._woken = []
         if job is None:
-            # With the pipeline busy, a truly idle worker should take the next job first.
-            self._woken = self.sub.wait(self.worker.settings.poll_interval_s, ready=idle)
+            self._wait(idle)
             return
         batch = [job, *self.worker.compatible(job, self.sub, spend_attempt=idle)]
         loaded = self.executor.load(batch, begun=idle)
@@ -203,6 +220,21 @@ class Overlap:
             with self._cond:
                 self.ahead = loaded  # only this thread fills the place, and only when it is empty
                 self._cond.notify_all()
+
+    def _wait(self, idle: bool) -> None:
+        """Wait for jobs. With the pipeline busy, not ready: a truly idle worker should take the
+        next job first."""
+        with self._cond:
+            # The pipeline freed since the claim before this wait began: wait ready. (Checked under
+            # the lock the pipeline thread ends a job with: either it sees this wait and ends it,
+            # or this wait sees the pipeline free.)
+            idle = idle or (self.current is None and self.ahead is None and not self.beginning)
+            self._busy_wait = not idle
+        try:
+            self._woken = self.sub.wait(self.worker.settings.poll_interval_s, ready=idle)
+        finally:
+            with self._cond:
+                self._busy_wait = False
 
     def _begin_ahead(self) -> None:
         """Spend the attempt of the job ahead (a store write) here, not on the pipeline thread."""
