@@ -104,3 +104,36 @@ def test_sdk_upload_then_edit(server: ServerProc, tmp_path: Path) -> None:
     out = client.run(MODEL, {"prompt": "x", "image": url, "size": "256*256"}, poll_interval=0.2)
     img = Image.open(io.BytesIO(httpx.get(out["outputs"][0]).content))
     assert img.size == (256, 256)
+
+
+def test_a_file_removed_after_its_route_opened_it_is_still_sent_whole(tmp_path: Path) -> None:
+    """Retention may remove a file between the route's open and the body's send: the response
+    reads from the open descriptor (a path opened after the headers went out failed mid-response,
+    the CI failure of test_retention_deletes_old_jobs_and_files_only). A range is served too."""
+    import asyncio
+
+    from server.api.routes.media import OpenedFileResponse
+
+    path = tmp_path / "a.png"
+    data = png_bytes() * 20
+    path.write_bytes(data)
+
+    def served(headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+        response = OpenedFileResponse(open(path, "rb"), path, media_type="image/png")  # noqa: SIM115 - it closes it
+        path.unlink()  # removed after the route opened it
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()  # the client never leaves
+            return {}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "headers": headers, "extensions": {"http.response.pathsend": {}}}
+        asyncio.run(response(scope, receive, send))
+        path.write_bytes(data)  # back, for the next request
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    assert served([]) == (200, data)
+    assert served([(b"range", b"bytes=10-19")]) == (206, data[10:20])

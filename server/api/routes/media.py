@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
+import anyio
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from server.api.auth import Caller
 from server.api.deps import Services, base_url, caller, services
@@ -156,6 +162,28 @@ async def put_upload(
     return envelope(_upload_data(svc, request, key, len(data)))
 
 
+class OpenedFileResponse(FileResponse):
+    """A ``FileResponse`` of a file the route has opened already. One removed meanwhile (by
+    retention's sweep) is still sent whole from its open descriptor: opened by path once the
+    headers were out, it failed mid-response. Ranges, ETag and Last-Modified are FileResponse's."""
+
+    def __init__(self, opened: BinaryIO, path: Path, **kwargs: Any) -> None:
+        super().__init__(path, stat_result=os.fstat(opened.fileno()), **kwargs)
+        self._opened = opened
+
+    @contextlib.asynccontextmanager
+    async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
+        yield anyio.AsyncFile(self._opened)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Never the server's own send of the path (ASGI pathsend): the path may be gone.
+        extensions = {k: v for k, v in scope.get("extensions", {}).items() if k != "http.response.pathsend"}
+        try:
+            await super().__call__({**scope, "extensions": extensions}, receive, send)
+        finally:
+            self._opened.close()
+
+
 FILE_ROUTE: dict[str, Any] = {
     "summary": "A stored input, upload or output (unguessable URL, no API key)",
     "response_class": Response,
@@ -170,7 +198,12 @@ async def get_file(key: str, svc: Services = Depends(services)) -> Response:
         raise NotFound("File not found.")
     path = svc.storage.local_path(key)
     if path is not None:
-        return FileResponse(path, media_type=content_type_of(key), headers={"Cache-Control": "private, max-age=86400"})
+        try:
+            opened = await run_in_threadpool(open, path, "rb")
+        except FileNotFoundError:  # removed since (retention)
+            raise NotFound("File not found.") from None
+        headers = {"Cache-Control": "private, max-age=86400"}
+        return OpenedFileResponse(opened, path, media_type=content_type_of(key), headers=headers)
     try:
         data = await run_in_threadpool(svc.storage.get, key)
     except (FileNotFoundError, KeyError):
