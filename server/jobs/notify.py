@@ -285,7 +285,7 @@ class _PostgresSubscription:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._pipe_lock = threading.Lock()
+        self._wake_lock = threading.Lock()
         # LISTEN now, not at the first wait: what is published between subscribe() and that wait
         # would be lost. A database that is down is retried by wait().
         try:
@@ -357,7 +357,7 @@ class _PostgresSubscription:
 
     def wake(self) -> None:
         """Make a wait return now (it returns what came meanwhile, maybe nothing)."""
-        with self._pipe_lock:  # never a write to a descriptor close() just gave back
+        with self._wake_lock:  # never a write to a descriptor close() just gave back
             if not self._closed.is_set():
                 with contextlib.suppress(OSError):  # full: a wake is pending already
                     self._wake_w.send(b"w")
@@ -369,7 +369,7 @@ class _PostgresSubscription:
             self.conn = None
 
     def close(self) -> None:
-        with self._pipe_lock:
+        with self._wake_lock:
             if self._closed.is_set():
                 return
             self._closed.set()

@@ -128,6 +128,26 @@ def bucket_case(expr: str, histogram: str) -> str:
     return f"CASE {whens} ELSE '{histogram}.le.inf' END"
 
 
+def sqlite_histogram_trigger(trigger: str, histogram: str, value: str, event: str, when: str) -> str:
+    """SQLite: the trigger ``trigger`` that observes ``value`` (ms) in ``histogram`` (its count, sum
+    and bucket) at ``event`` on ``jobs``, for a started job where ``when`` holds (migrations 0007,
+    0009). PostgreSQL's triggers call a function per histogram instead, which appends deltas."""
+
+    def add(name: str, delta: str) -> str:
+        return (
+            f"INSERT INTO job_stats (name, value) VALUES ({name}, {delta}) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value;"
+        )
+
+    return (
+        f"CREATE TRIGGER {trigger} AFTER {event} ON jobs "
+        f"WHEN {when} AND NEW.started_at IS NOT NULL BEGIN "
+        f"{add(repr(f'{histogram}.count'), '1')} "
+        f"{add(repr(f'{histogram}.sum_ms'), value)} "
+        f"{add(bucket_case(value, histogram), '1')} END"
+    )
+
+
 def _histogram_backfill(histogram: str, expr: str, where: str) -> list[str]:
     return [
         f"INSERT INTO job_stats (name, value) SELECT '{histogram}.count', count(*) FROM jobs WHERE {where}",

@@ -34,21 +34,9 @@ _HISTOGRAMS = [
 
 
 def _sqlite(histogram: str, value: str, event: str, when: str) -> str:
-    from server.jobs.stats import bucket_case
+    from server.jobs.stats import sqlite_histogram_trigger
 
-    def add(name: str, delta: str) -> str:
-        return (
-            f"INSERT INTO job_stats (name, value) VALUES ({name}, {delta}) "
-            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value;"
-        )
-
-    return (
-        f"CREATE TRIGGER jobs_stats_{histogram} AFTER {event} ON jobs "
-        f"WHEN {when} AND NEW.started_at IS NOT NULL BEGIN "
-        f"{add(repr(f'{histogram}.count'), '1')} "
-        f"{add(repr(f'{histogram}.sum_ms'), value)} "
-        f"{add(bucket_case(value, histogram), '1')} END"
-    )
+    return sqlite_histogram_trigger(f"jobs_stats_{histogram}", histogram, value, event, when)
 
 
 def _postgres(histogram: str, value: str, event: str, when: str) -> list[str]:

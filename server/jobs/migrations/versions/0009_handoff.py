@@ -17,29 +17,14 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from server.jobs.stats import sqlite_histogram_trigger
+
 revision = "0009"
 down_revision = "0008"
 branch_labels = None
 depends_on = None
 
-_STARTED = "NEW.attempts > 0 AND NEW.started_at IS NOT NULL"
-
-
-def _sqlite_trigger() -> str:
-    from server.jobs.stats import bucket_case
-
-    def add(name: str, delta: str) -> str:
-        return (
-            f"INSERT INTO job_stats (name, value) VALUES ({name}, {delta}) "
-            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value;"
-        )
-
-    wait = "NEW.started_at - NEW.created_at"
-    return (
-        f"CREATE TRIGGER jobs_stats_queue_wait_insert AFTER INSERT ON jobs WHEN {_STARTED} BEGIN "
-        f"{add(repr('queue_wait.count'), '1')} {add(repr('queue_wait.sum_ms'), wait)} "
-        f"{add(bucket_case(wait, 'queue_wait'), '1')} END"
-    )
+_STARTED = "NEW.attempts > 0"  # and started_at set: both triggers add that
 
 
 def upgrade() -> None:
@@ -48,10 +33,11 @@ def upgrade() -> None:
     if postgres:  # 0007's function observes the row it is given
         op.execute(
             "CREATE TRIGGER jobs_stats_queue_wait_insert AFTER INSERT ON jobs FOR EACH ROW "
-            f"WHEN ({_STARTED}) EXECUTE FUNCTION qwen_edit_queue_wait()"
+            f"WHEN ({_STARTED} AND NEW.started_at IS NOT NULL) EXECUTE FUNCTION qwen_edit_queue_wait()"
         )
     else:
-        op.execute(_sqlite_trigger())
+        wait = "NEW.started_at - NEW.created_at"
+        op.execute(sqlite_histogram_trigger("jobs_stats_queue_wait_insert", "queue_wait", wait, "INSERT", _STARTED))
 
 
 def downgrade() -> None:
