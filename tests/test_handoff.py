@@ -7,6 +7,7 @@ get a queued job and a wake-up, as before; a handoff the worker cannot start goe
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,38 @@ def test_a_waiter_whose_connection_died_is_not_handed_the_job(store: JobStore) -
     row = store.get(job.id)
     assert row is not None and row.status is Status.CREATED and row.lease_owner is None
     busy.close()
+
+
+def test_a_handoff_that_comes_after_its_wait_saw_the_row_taken_is_returned_by_that_wait(store: JobStore) -> None:
+    # PostgreSQL signals a NOTIFY's listeners only once the notifying transaction has released its
+    # locks and is visible: a wait ending for another reason just as a submit picked its row can
+    # find the row gone before the submit's message is there. Left for a later wait, the handoff
+    # sat unread while the worker ran queued jobs, until its lease ran out and the reaper queued
+    # the job again (a CI run's job completed with 2 attempts). Here the submit's message is held
+    # back until the wait has seen its row gone.
+    sub = store.notifier.subscribe("jobs", "edit", owner="host/0")
+    waiting = Waiting([sub])
+    wait_for(lambda: len(idle_rows(store)) == 1, 30, "the worker waiting")
+    pid = sub.conn.info.backend_pid  # type: ignore[attr-defined]
+    with store.db.write() as conn:  # a submit picked the row and committed; its message is late
+        channel = conn.execute(text("DELETE FROM idle_waiters RETURNING channel")).scalar_one()
+    sub.wake()  # the wait ends for another reason (a stop, a pipeline freed)
+    wait_for(lambda: _last_statement(store, pid).startswith("DELETE FROM idle_waiters"), 30, "its row removed")
+    job = replace(store_job(variant="edit"), status=Status.PROCESSING, attempts=1, lease_token="t" * 32)
+    message = Handoff(job).message()
+    with store.db.write() as conn:
+        conn.execute(text("SELECT pg_notify(:channel, :message)"), {"channel": channel, "message": message})
+    wait_for(lambda: waiting.ended() == 1, LONG, "the wait")
+    assert handed(waiting.got[0]).job.id == job.id
+    assert idle_rows(store) == []
+    sub.close()
+
+
+def _last_statement(store: JobStore, pid: int) -> str:
+    """The statement the backend ``pid`` runs, or ran last if it is idle."""
+    with store.db.read() as conn:
+        row = conn.execute(text("SELECT query, state FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}).one()
+    return str(row.query) if row.state == "idle" else ""
 
 
 def test_a_woken_worker_starts_the_handed_job_without_a_claim(tmp_path: Path, pg_url: str) -> None:

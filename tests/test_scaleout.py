@@ -11,6 +11,7 @@ is the queue, not the model: the CPU time a job costs is kept to the transformer
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -96,6 +97,24 @@ def worker_of(cluster: Cluster, job: Job) -> Any:
     return next(w for w in cluster.workers if f"w{w.slot}" == job.lease_owner)
 
 
+def story(cluster: Cluster, pid: str) -> list[tuple[str, str, str]]:
+    """What the workers and replicas logged of a job, and every reap (a failure's message)."""
+    logs = [
+        *((f"w{w.slot}", w.log_path) for w in cluster.workers),
+        *((f"api{n}", a.log_path) for n, a in enumerate(cluster.apis)),
+    ]
+    lines = []
+    for name, path in logs:
+        for line in path.read_text(errors="replace").splitlines() if path else []:
+            if pid in line or "reaped" in line:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = {"event": line}
+                lines.append((str(event.get("timestamp")), name, str(event.get("event"))))
+    return sorted(lines)
+
+
 def test_jobs_run_exactly_once_across_replicas(cluster: Cluster, store: JobStore) -> None:
     a, b = cluster.apis
     ids = [
@@ -108,7 +127,7 @@ def test_jobs_run_exactly_once_across_replicas(cluster: Cluster, store: JobStore
     for pid in ids:
         job = store.get(pid)
         assert job is not None and job.status == Status.COMPLETED
-        assert job.attempts == 1 and len(job.outputs) == 1, job
+        assert job.attempts == 1 and len(job.outputs) == 1, (job, story(cluster, pid))
         assert done[pid] == 1  # exactly one worker completed it, once
         for api in (a, b):  # every result readable from either replica, files too
             data = api.result(pid)

@@ -243,6 +243,9 @@ _IDLE = (
     "owner = excluded.owner"
 )
 _BUSY = "DELETE FROM idle_waiters WHERE channel = %s"
+# How long a wait that found its idle row taken waits for the taker's message (it comes within
+# milliseconds; a handoff not heard is queued again by the reaper once its lease runs out).
+OWED_MESSAGE_S = 5.0
 # Rows of listeners whose connection is gone (their worker died): a new listener clears them.
 _FORGET_DEAD = "DELETE FROM idle_waiters WHERE pid NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)"
 
@@ -330,18 +333,36 @@ class _PostgresSubscription:
             finally:
                 # Busy from here. A job's message on its own channel came from a submitter that
                 # removed its row already: no round trip to remove it (it sat before the claim).
-                # wake()'s empty one did not. A submitter that picked the row just before the
-                # DELETE committed first (the DELETE waited for its lock): its message, a handoff
-                # maybe, is taken now rather than left for a wait that may be long in coming.
-                if idle and not any(n.channel == self.own and n.payload for n in got):
-                    self.conn.execute(_BUSY, (self.own,))
-                    got += self.conn.notifies(timeout=0, stop_after=64)
+                # wake()'s empty one did not.
+                if idle and not self._told(got):
+                    got += self._busy()
             return [n.payload for n in got]
         except Exception as exc:  # database restarting: poll until it is back
             log.debug("listen connection lost", channel=self.channel, error=str(exc))
             self._drop()
             self._closed.wait(min(timeout, 1.0))
             return []
+
+    def _told(self, got: list[Any]) -> bool:
+        """Whether ``got`` holds the message of a submitter that picked this waiter's row."""
+        return any(n.channel == self.own and n.payload for n in got)
+
+    def _busy(self) -> list[Any]:
+        """Remove this waiter's row; what came meanwhile. Where the row was gone already, a
+        submitter picked it and committed (the DELETE waited for its lock, or saw its commit): its
+        message, a handoff maybe, is owed to this wait. PostgreSQL signals a NOTIFY's listeners only
+        after its transaction has released its locks and become visible, so that message may still
+        be on its way (measured: 21 times in 1000 on an idle machine). It is waited for here: left
+        for a later wait, a handoff sat unread, its job leased to a worker busy with others until the
+        lease ran out and the reaper queued it again, an attempt spent for nothing."""
+        picked = self.conn.execute(_BUSY, (self.own,)).rowcount == 0
+        got = list(self.conn.notifies(timeout=0, stop_after=64))
+        deadline = time.monotonic() + OWED_MESSAGE_S
+        while picked and not self._told(got) and (left := deadline - time.monotonic()) > 0:
+            got += self.conn.notifies(timeout=left, stop_after=1)
+        if picked and not self._told(got):
+            log.warning("a submitter took this worker's idle row but its message never came", channel=self.own)
+        return got
 
     def fileno(self) -> int:
         """The LISTEN connection's socket, for an event loop to watch (``Readable``)."""
