@@ -132,13 +132,15 @@ def actual_counts(store: JobStore) -> dict[str, int]:
 
 def test_counters_follow_every_move_of_a_job(store: JobStore) -> None:
     made = [make_job(store) for _ in range(6)]
+    # Cancelled before any claim: jobs made in the same millisecond are claimed in id order (random),
+    # so a cancel after the claims could find its job already taken.
+    assert store.cancel_queued(made[5].id, "cancelled")
     first = store.claim("w", ["edit"], 30)
     assert first is not None
     store.complete(first.id, first.lease_token or "", [], inference_ms=1200)
     second = store.claim("w", ["edit"], 30)
     assert second is not None
     store.fail(second.id, second.lease_token or "", "boom", 500)
-    store.cancel_queued(made[5].id, "cancelled")
     ahead = store.claim("w", ["edit"], 30, spend_attempt=False)
     assert ahead is not None and store.begin(ahead.id, ahead.lease_token or "") is not None
     running = store.claim("w", ["edit"], 30)
