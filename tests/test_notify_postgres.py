@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from benchmarks.jobs import store_job
 from server.jobs.notify import Subscription
@@ -118,6 +118,33 @@ def test_a_refused_submit_wakes_no_one(store: JobStore) -> None:
     wait_for(lambda: waiting.ended() == 1, 30, "the wake-up")
     assert waiting.got == [["edit"]] and idle_rows(store) == []
     sub.close()
+
+
+def test_a_submit_against_the_queue_cap_alone_is_one_statement(store: JobStore) -> None:
+    """The default caps (the queue's alone): the job, the pick, the admission lock and the queue's
+    count in one statement in autocommit, one round trip with no BEGIN or COMMIT (the count in
+    migration 0010's qwen_edit_admit, in a snapshot taken after the lock). A per-key cap still has
+    its count in a statement of its own, in a transaction, after the lock."""
+    from server.jobs.store import Admission
+    from tests.test_flat_costs import statements
+
+    commits: list[int] = []
+
+    def commit(_conn: Any) -> None:
+        commits.append(1)
+
+    event.listen(store.db.engine, "commit", commit)
+    try:
+        job = store_job(variant="edit", input={}, base_url="", steps=1, max_attempts=1, api_key_id="k")
+        ran = [sql for sql, _ in statements(store, lambda: store.create(job, Admission(queue_cap=5)))]
+        assert len(ran) == 1 and "qwen_edit_admit" in ran[0] and commits == [], ran
+        assert store.get(job.id) is not None and store.queued_count() == 1
+        keyed = store_job(variant="edit", input={}, base_url="", steps=1, max_attempts=1, api_key_id="k")
+        ran = [sql for sql, _ in statements(store, lambda: store.create(keyed, Admission(queue_cap=5, per_key=5)))]
+        assert "pg_advisory_xact_lock" in ran[0] and any("count(" in sql.lower() for sql in ran[1:]), ran
+        assert commits == [1] and store.queued_count() == 2
+    finally:
+        event.remove(store.db.engine, "commit", commit)
 
 
 def test_a_worker_told_to_stop_wakes_from_its_wait_at_once(store: JobStore) -> None:

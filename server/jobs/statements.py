@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     BindParameter,
     ColumnElement,
     Select,
@@ -239,8 +240,14 @@ END_LEASED = {
 
 # --- PostgreSQL: a job's wake-up, and a submit in one statement ------------------------------------
 
-# The advisory lock that serialises admissions (JobStore._admit), alone or inside SUBMIT.
-ADMISSION_LOCK = select(func.pg_advisory_xact_lock(727002))
+# The advisory lock that serialises admissions (JobStore._admit), alone or inside SUBMIT, or taken
+# by the admission function of migration 0010 (``qwen_edit_admit``).
+ADMISSION_LOCK_ID = 727002
+ADMISSION_LOCK = select(func.pg_advisory_xact_lock(ADMISSION_LOCK_ID))
+# The SQLSTATE ``qwen_edit_admit`` raises when the queue is full (class QE: none of PostgreSQL's).
+QUEUE_FULL_SQLSTATE = "QEQ01"
+# The queue cap checked in SUBMIT itself: the lock, then the count, in a snapshot of their own.
+QUEUE_CHECK = select(func.qwen_edit_admit(bindparam("a_queue_cap", type_=BigInteger)))
 
 # A job's INSERT with parameters that are not column names (see the top): job_values(job.to_row()).
 _JOB_PARAMS = {column.name: bindparam(f"j_{column.name}", type_=column.type) for column in jobs.c}
@@ -266,16 +273,19 @@ def _alive(pid: Any) -> ColumnElement[bool]:
     return exists(select(literal_column("1")).select_from(func.pg_stat_get_activity(pid).alias("backend")))
 
 
-def _wake_one(*, job: bool = False, locked: bool = False, handoff: bool = False) -> Select:  # type: ignore[type-arg]
+def _wake_one(*, job: bool = False, admission: str = "", handoff: bool = False) -> Select:  # type: ignore[type-arg]
     """The submitter's side of wake-one: take the longest-idle waiter of the topic (or of any, '*')
     whose connection is alive and notify its channel, else the shared one (binds ``topic``,
     ``shared``, ``payload``). Run inside the submit's transaction, the NOTIFY goes out with its
     commit.
 
-    ``job``: with the job's INSERT (binds ``j_<column>``) in the same statement. ``locked``: with the
-    admission lock taken too, so that the caps' counts, the next statement, read every job admitted
-    before this one (each committed before its lock was released). Where the lock is taken inside
-    this statement does not matter: the counts read after it, in a snapshot of their own.
+    ``job``: with the job's INSERT (binds ``j_<column>``) in the same statement. ``admission``:
+    "locked", with the admission lock taken too, so that the caps' counts, the next statement, read
+    every job admitted before this one (each committed before its lock was released; where the lock
+    is taken inside this statement does not matter: the counts read after it, in a snapshot of their
+    own); "checked", with the queue cap checked too (binds ``a_queue_cap``: QUEUE_CHECK, the lock and
+    the count in a function, migration 0010), so that the whole submit is this one statement; "": no
+    caps.
     ``handoff`` (with ``job``): where the waiter picked is a worker of the job's variant (its row has
     an ``owner``, and the topic itself, not '*'), the job is inserted leased to it (binds
     ``h_<column>``: HANDED_COLUMNS) and its channel gets the ``handoff`` parameter
@@ -312,16 +322,17 @@ def _wake_one(*, job: bool = False, locked: bool = False, handoff: bool = False)
     stmt = select(func.pg_notify(channel, payload))
     if job:
         stmt = stmt.add_cte(insert(jobs).values(values).cte("job"))  # a data-modifying CTE always runs
-    if locked:
-        stmt = stmt.select_from(ADMISSION_LOCK.subquery("admission"))
+    if admission:
+        stmt = stmt.select_from({"locked": ADMISSION_LOCK, "checked": QUEUE_CHECK}[admission].subquery("admission"))
     return stmt
 
 
 WAKE_ONE = _wake_one()
-# SUBMIT[locked, handoff]: a job, its wake-up and, where the submit is admitted against caps, the
-# admission lock; ``handoff``: the job handed to the waiter picked, where that is a worker.
+# SUBMIT[admission, handoff]: a job, its wake-up and, where the submit is admitted against caps, the
+# admission lock ("locked") or the queue cap's whole check ("checked"); ``handoff``: the job handed to
+# the waiter picked, where that is a worker.
 SUBMIT = {
-    (locked, handoff): _wake_one(job=True, locked=locked, handoff=handoff)
-    for locked in (False, True)
+    (admission, handoff): _wake_one(job=True, admission=admission, handoff=handoff)
+    for admission in ("", "locked", "checked")
     for handoff in (False, True)
 }

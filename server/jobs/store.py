@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy import Connection, func, select, update
+from sqlalchemy.exc import DBAPIError
 
 from server.errors import INTERNAL_ERROR, TASK_FAILED
 from server.jobs import statements as sql
@@ -147,13 +148,16 @@ class JobStore:
         in one transaction, so that concurrent submits can never overshoot them)."""
         caps = admission if admission and (admission.queue_cap or admission.per_key or admission.budget) else None
         wake = self.db.wake_params("jobs", job.variant)
+        if wake is not None and (caps is None or caps == Admission(queue_cap=caps.queue_cap)):
+            self._submit(job, wake, caps)
+            return
         with self.db.write() as conn:
             if wake is not None:
                 # PostgreSQL: the job, the wake-up of one idle worker that runs its variant and the
                 # admission lock in one statement (one round trip where they took three); the job
                 # handed to that worker where it is one, so that it starts without a claim.
                 params = {**sql.job_values(job.to_row()), **wake, **self._handoff(job)}
-                conn.execute(sql.SUBMIT[caps is not None, "handoff" in params], params)
+                conn.execute(sql.SUBMIT["locked" if caps else "", "handoff" in params], params)
                 notified = True
             else:
                 conn.execute(sql.INSERT_JOB, job.to_row())
@@ -163,6 +167,23 @@ class JobStore:
                 self._admit(conn, job, caps, locked=wake is not None)  # last: refused, all is rolled back
         if not notified:
             self.db.publish("jobs", job.variant)
+
+    def _submit(self, job: Job, wake: dict[str, Any], caps: Admission | None) -> None:
+        """PostgreSQL, against no cap or the queue cap alone (the default): the whole submit as ONE
+        statement in autocommit, one round trip where a transaction took four. The job, the wake-up
+        of one idle worker (the job handed to it where it is a worker, as in ``create``) and the
+        queue cap's check (statements.QUEUE_CHECK: the admission lock, then the count in a snapshot
+        taken after it), all rolled back together when the queue is full."""
+        params = {**sql.job_values(job.to_row()), **wake, **self._handoff(job)}
+        if caps is not None:
+            params["a_queue_cap"] = caps.queue_cap
+        with self.db.write_one() as conn:
+            try:
+                conn.execute(sql.SUBMIT["checked" if caps else "", "handoff" in params], params)
+            except DBAPIError as exc:
+                if caps is not None and getattr(exc.orig, "sqlstate", None) == sql.QUEUE_FULL_SQLSTATE:
+                    raise QueueFull(f"the queue holds {caps.queue_cap} jobs") from None
+                raise
 
     @staticmethod
     def _handoff(job: Job) -> dict[str, Any]:
