@@ -148,38 +148,38 @@ class JobStore:
         in one transaction, so that concurrent submits can never overshoot them)."""
         caps = admission if admission and (admission.queue_cap or admission.per_key or admission.budget) else None
         wake = self.db.wake_params("jobs", job.variant)
-        if wake is not None and (caps is None or caps == Admission(queue_cap=caps.queue_cap)):
+        if wake is not None:
             self._submit(job, wake, caps)
             return
         with self.db.write() as conn:
-            if wake is not None:
-                # PostgreSQL: the job, the wake-up of one idle worker that runs its variant and the
-                # admission lock in one statement (one round trip where they took three); the job
-                # handed to that worker where it is one, so that it starts without a claim.
-                params = {**sql.job_values(job.to_row()), **wake, **self._handoff(job)}
-                conn.execute(sql.SUBMIT["locked" if caps else "", "handoff" in params], params)
-                notified = True
-            else:
-                conn.execute(sql.INSERT_JOB, job.to_row())
-                # The local notifier wakes one idle worker that runs it, after the commit.
-                notified = self.db.publish_on_commit(conn, "jobs", job.variant)
+            conn.execute(sql.INSERT_JOB, job.to_row())
+            # The local notifier wakes one idle worker that runs it, after the commit.
+            notified = self.db.publish_on_commit(conn, "jobs", job.variant)
             if caps is not None:
-                self._admit(conn, job, caps, locked=wake is not None)  # last: refused, all is rolled back
+                self._admit(conn, job, caps, locked=False)  # last: refused, all is rolled back
         if not notified:
             self.db.publish("jobs", job.variant)
 
     def _submit(self, job: Job, wake: dict[str, Any], caps: Admission | None) -> None:
-        """PostgreSQL, against no cap or the queue cap alone (the default): the whole submit as ONE
-        statement in autocommit, one round trip where a transaction took four. The job, the wake-up
-        of one idle worker (the job handed to it where it is a worker, as in ``create``) and the
-        queue cap's check (statements.QUEUE_CHECK: the admission lock, then the count in a snapshot
-        taken after it), all rolled back together when the queue is full."""
+        """PostgreSQL: the job, the wake-up of one idle worker that runs its variant (the job handed
+        to that worker where it is one, so that it starts without a claim) and the admission lock in
+        one statement. Against no cap or the queue cap alone (the default), the queue cap is checked
+        in that statement too (statements.QUEUE_CHECK: the lock, then the count in a snapshot taken
+        after it), run in autocommit: the whole submit is one round trip where a transaction took
+        four, all of it rolled back when the queue is full. Against a per-key cap or a budget, their
+        counts follow the statement in its transaction."""
         params = {**sql.job_values(job.to_row()), **wake, **self._handoff(job)}
+        handoff = "handoff" in params
+        if caps is not None and (caps.per_key or caps.budget is not None):
+            with self.db.write() as conn:
+                conn.execute(sql.SUBMIT["locked", handoff], params)
+                self._admit(conn, job, caps, locked=True)  # last: refused, all is rolled back
+            return
         if caps is not None:
             params["a_queue_cap"] = caps.queue_cap
         with self.db.write_one() as conn:
             try:
-                conn.execute(sql.SUBMIT["checked" if caps else "", "handoff" in params], params)
+                conn.execute(sql.SUBMIT["checked" if caps else "", handoff], params)
             except DBAPIError as exc:
                 if caps is not None and getattr(exc.orig, "sqlstate", None) == sql.QUEUE_FULL_SQLSTATE:
                     raise QueueFull(f"the queue holds {caps.queue_cap} jobs") from None

@@ -174,8 +174,9 @@ class Worker:
     def claim_next(self, *, spend_attempt: bool, woken: list[str] | None = None) -> Job | None:
         """The next job: one handed to this worker (already leased to it, its attempt spent), else
         one claimed. ``spend_attempt=False``: claimed ahead, while the pipeline is busy: a job
-        handed meanwhile (its message came late, after the wait it was meant for) cannot start now,
-        so it goes back to the queue unspent, and is claimed like any other. ``woken``: what the
+        handed meanwhile cannot start now (its message came even after the wait it was meant for
+        stopped waiting for it: notify.OWED_MESSAGE_S), so it goes back to the queue unspent, and is
+        claimed like any other. ``woken``: what the
         wait before this claim returned (a job of this variant queued since the last claim: the
         store may skip its look before the write)."""
         if self._sub is not None:
