@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import Connection, Engine, create_engine, event, func, select, text
+from sqlalchemy import Connection, CursorResult, Engine, create_engine, event, func, select, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.sql import ClauseElement
 
 from server.errors import StoreUnavailable, first_line
 from server.jobs import statements as sql
+from server.jobs.driver import DriverResult, DriverStatement
 from server.jobs.notify import LocalNotifier, Notifier, NullNotifier, PostgresNotifier
 
 if TYPE_CHECKING:
@@ -34,6 +36,7 @@ log = structlog.get_logger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _WRITE = "qwen_edit_write"  # execution option: this connection's transaction writes
+_UNSEEN = object()  # Database.run: a statement not compiled yet
 
 # The driver errors that mean "the database cannot be reached or written right now" (a restart,
 # a full disk, a lock held too long, a refused connection), as opposed to a bug in a statement.
@@ -115,6 +118,7 @@ class Database:
         self._lone: Engine | None = (
             self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.is_postgres else None
         )
+        self._driver: dict[ClauseElement, object] = {}  # run(): compiled for this dialect, or None
         self.notifier: Notifier
         if self.is_postgres:
             dsn = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -166,6 +170,20 @@ class Database:
             return
         with translated(), self._lone.connect() as conn:
             yield conn
+
+    def run(
+        self, conn: Connection, statement: ClauseElement, values: dict[str, Any]
+    ) -> DriverResult | CursorResult[Any]:
+        """One of the hottest statements (a submit, a claim, a job's end, a result read) on ``conn``'s
+        driver cursor, compiled once (server/jobs/driver.py says why and what is kept); one that
+        cannot run there (an ``IN`` list) through SQLAlchemy."""
+        compiled = self._driver.get(statement, _UNSEEN)
+        if compiled is _UNSEEN:  # a race compiles it twice: the same text, once kept
+            compiled = self._driver[statement] = DriverStatement.of(statement, self.engine.dialect)
+        if compiled is None:
+            return conn.execute(statement, values)  # type: ignore[call-overload]
+        assert isinstance(compiled, DriverStatement)
+        return compiled.run(conn, values)
 
     def ping(self) -> None:
         with self.read() as conn:

@@ -44,6 +44,8 @@ INSERT_JOB = insert(jobs)
 # What a claim looks for: queued jobs of some variants (a worker's next job), or of one batch key
 # (more jobs for the pipeline call it is about to make).
 _BY = {
+    # One variant (every worker's claim): no IN list, so the claim can run on the driver (db.run).
+    "variant": jobs.c.variant == bindparam("variant"),
     "variants": jobs.c.variant.in_(bindparam("variants", expanding=True)),
     "batch": jobs.c.batch_key == bindparam("b_batch_key"),
 }

@@ -35,7 +35,7 @@ _FOLD_LOCK = 727003  # PostgreSQL advisory lock id: one fold at a time (two woul
 FOLD_BATCH = 100_000
 
 
-_ONE = {
+ONE = {  # one counter, by dialect: one() runs it (and JobStore, on the driver: db.run)
     "sqlite": select(func.coalesce(func.sum(job_stats.c.value), 0)).where(job_stats.c.name == bindparam("name")),
     # One statement: one snapshot, even if a fold commits meanwhile.
     "postgresql": select(
@@ -75,7 +75,7 @@ def read(conn: Connection, prefix: str = "") -> dict[str, int]:
 
 def one(conn: Connection, name: str) -> int:
     """One counter (the queue cap's queued jobs): an index lookup, plus its unfolded deltas."""
-    return int(conn.execute(_ONE[conn.dialect.name], {"name": name}).scalar_one())
+    return int(conn.execute(ONE[conn.dialect.name], {"name": name}).scalar_one())
 
 
 def histogram(counters: Mapping[str, int], name: str) -> Histogram:

@@ -152,7 +152,7 @@ class JobStore:
             self._submit(job, wake, caps)
             return
         with self.db.write() as conn:
-            conn.execute(sql.INSERT_JOB, job.to_row())
+            self.db.run(conn, sql.INSERT_JOB, job.to_row())
             # The local notifier wakes one idle worker that runs it, after the commit.
             notified = self.db.publish_on_commit(conn, "jobs", job.variant)
             if caps is not None:
@@ -172,14 +172,14 @@ class JobStore:
         handoff = "handoff" in params
         if caps is not None and (caps.per_key or caps.budget is not None):
             with self.db.write() as conn:
-                conn.execute(sql.SUBMIT["locked", handoff], params)
+                self.db.run(conn, sql.SUBMIT["locked", handoff], params)
                 self._admit(conn, job, caps, locked=True)  # last: refused, all is rolled back
             return
         if caps is not None:
             params["a_queue_cap"] = caps.queue_cap
         with self.db.write_one() as conn:
             try:
-                conn.execute(sql.SUBMIT["checked" if caps else "", handoff], params)
+                self.db.run(conn, sql.SUBMIT["checked" if caps else "", handoff], params)
             except DBAPIError as exc:
                 if caps is not None and getattr(exc.orig, "sqlstate", None) == sql.QUEUE_FULL_SQLSTATE:
                     raise QueueFull(f"the queue holds {caps.queue_cap} jobs") from None
@@ -213,7 +213,7 @@ class JobStore:
         already serialises writers."""
         if self.db.is_postgres and not locked:
             conn.execute(sql.ADMISSION_LOCK)
-        if admission.queue_cap and stats.one(conn, "jobs.created") > admission.queue_cap:
+        if admission.queue_cap and self._queued(conn) > admission.queue_cap:
             raise QueueFull(f"the queue holds {admission.queue_cap} jobs")
         if admission.per_key and self._in_flight(conn, job.api_key_id) > admission.per_key:
             raise KeyAtLimit(f"{admission.per_key} jobs in flight")
@@ -240,7 +240,7 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         with self.db.read() as conn:
-            row = conn.execute(sql.GET_JOB, {"job_id": job_id}).first()
+            row = self.db.run(conn, sql.GET_JOB, {"job_id": job_id}).first()
         return Job.from_row(row) if row else None
 
     def terminal_among(self, ids: Sequence[str]) -> list[str]:
@@ -268,7 +268,11 @@ class JobStore:
 
     def queued_count(self) -> int:
         with self.db.read() as conn:
-            return stats.one(conn, "jobs.created")
+            return self._queued(conn)
+
+    def _queued(self, conn: Connection) -> int:
+        """The queue's length (its counter, stats.ONE): on the driver, as it is on every submit's path."""
+        return int(self.db.run(conn, stats.ONE[conn.dialect.name], {"name": "jobs.created"}).scalar_one())
 
     def cancel(self, job_id: str) -> Job | None:
         """Fail a queued job at once; ask a running one to stop at its next step."""
@@ -306,9 +310,8 @@ class JobStore:
         returned unstarted, or left behind by a crash, was never charged a try. ``woken``: the
         caller was woken for a job just queued (it was picked to take it): a job is very likely
         there, so SQLite's look before the write is skipped."""
-        claimed = self._claim(
-            worker_id, lease_s, 1, {"variants": list(variants)}, spend_attempt=spend_attempt, look=not woken
-        )
+        by = {"variant": variants[0]} if len(variants) == 1 else {"variants": list(variants)}
+        claimed = self._claim(worker_id, lease_s, 1, by, spend_attempt=spend_attempt, look=not woken)
         return claimed[0] if claimed else None
 
     def begin(self, job_id: str, token: str) -> Begun | None:
@@ -337,8 +340,9 @@ class JobStore:
         spend_attempt: bool = True,
         look: bool = True,
     ) -> list[Job]:
-        """``by``: ``{"variants": [...]}`` or ``{"b_batch_key": ...}`` (server/jobs/statements.py)."""
-        kind = "variants" if "variants" in by else "batch"
+        """``by``: ``{"variant": ...}``, ``{"variants": [...]}`` or ``{"b_batch_key": ...}``
+        (server/jobs/statements.py)."""
+        kind = "batch" if "b_batch_key" in by else next(iter(by))
         if look and self.db.is_sqlite and not self._queued_any(kind, by):
             # SQLite has one writer at a time: a claim that finds nothing (a woken worker another
             # took the job from, a poll of an empty queue) must not queue for the write lock the
@@ -355,14 +359,14 @@ class JobStore:
             "now": now,
         }
         with self.db.write_one() as conn:
-            claimed = [Job.from_row(row) for row in conn.execute(sql.CLAIM[kind, spend_attempt], params).all()]
+            claimed = [Job.from_row(row) for row in self.db.run(conn, sql.CLAIM[kind, spend_attempt], params).all()]
         claimed.sort(key=lambda job: (-job.priority, job.created_at, job.id))
         return claimed
 
     def _queued_any(self, kind: str, by: dict[str, Any]) -> bool:
         """Whether a claim would find a job: a read, taking no lock."""
         with self.db.read() as conn:
-            return conn.execute(sql.QUEUED_ANY[kind], by).first() is not None
+            return self.db.run(conn, sql.QUEUED_ANY[kind], by).first() is not None
 
     def heartbeat(
         self, job_id: str, token: str, lease_s: float, step: int | None = None, total: int | None = None
@@ -399,11 +403,11 @@ class JobStore:
         if self.db.is_postgres:
             params = {**params, "job_id": job_id, "token": token, "now": now_ms(), "done_channel": self._done_channel}
             with self.db.write_one() as conn:
-                return conn.execute(sql.END_LEASED[kind, True], params).first() is not None
+                return self.db.run(conn, sql.END_LEASED[kind, True], params).first() is not None
         with self.db.write() as conn:
             now = now_ms()
             params = {**params, "job_id": job_id, "token": token, "now": now}
-            row = conn.execute(sql.END_LEASED[kind, False], params).first()
+            row = self.db.run(conn, sql.END_LEASED[kind, False], params).first()
             done = None if row is None else self._ended(conn, job_id, row, now)
         if done:
             self.db.publish("done", done)

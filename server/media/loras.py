@@ -89,6 +89,8 @@ def _lexically_inside(path: str, folders: list[Path]) -> bool:
 def check_at_submit(loras: list[LoraRef], settings: Settings, guard: NetGuard) -> None:
     """Refuse, with a 400, a LoRA the worker would refuse: an outbound URL the guard forbids, a Hub
     file where the Hub is not allowed, a path outside the LoRA folders."""
+    if not loras:
+        return  # the folders are resolved on disk (a realpath each): not on every submit's path
     folders = settings.resolved_lora_dirs
     for i, lora in enumerate(loras):
         field = f"loras[{i}].path"
