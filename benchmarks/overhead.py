@@ -174,9 +174,11 @@ def start_server(
     steps: int,
     extra_env: dict[str, str] | None = None,
     ready_path: str = "/readyz",  # /livez for an API without workers
+    tree: Path = ROOT,  # the source tree the server runs from (benchmarks/ab.py: another revision's)
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        **({"PYTHONPATH": str(tree)} if tree != ROOT else {}),
         "QWEN_EDIT_DATA_DIR": str(data),
         "QWEN_EDIT_MODEL": str(model),
         "QWEN_EDIT_PORT": str(port),
@@ -190,7 +192,7 @@ def start_server(
     log = open(data / "server.log", "wb")  # noqa: SIM115 - owned by the process
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve"],
-        cwd=ROOT,
+        cwd=tree,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -106,3 +106,37 @@ def test_batching_benchmark_quick(
     assert all(r["images_s"] > 0 for r in rows)
     assert rows[3]["p50_ms"] > 0 and rows[3]["images_s_ratio"] > 0
     assert "images/s" in stdout  # the printed table
+
+
+@pytest.mark.timeout(1800)
+def test_ab_quick(tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m benchmarks.ab`: two servers, sync jobs alternated, a second round with their places
+    swapped; the estimate is the mean of the rounds' paired differences."""
+    from benchmarks import ab
+
+    root = str(Path(ab.ROOT))
+    args = ["--a", root, "--b", root, "--jobs", "2", "--model", str(tiny_models["edit"]), "--out", str(tmp_path)]
+    assert ab.main(args) == 0
+    assert "B - A paired median" in capsys.readouterr().out
+    data = json.loads((tmp_path / "ab.json").read_text())
+    first, second, estimate = data["rounds"]
+    assert first[0] == "1 (a first, b second)" and second[0] == "2 (b first, a second)"
+    assert all(row[1] > 0 and row[2] > 0 for row in (first, second))  # ms added, each side
+    assert data["estimate_ms"] == pytest.approx((first[3] + second[3]) / 2, abs=0.01)
+    assert estimate[3] == round(data["estimate_ms"], 2)
+
+
+def test_ab_checks_a_revision_out_and_removes_it() -> None:
+    """A side given as a git revision runs from a worktree of that revision, gone afterwards."""
+    import subprocess
+
+    from benchmarks import ab
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ab.ROOT, capture_output=True, text=True, check=True)
+    with ab.source_tree("HEAD") as tree:
+        assert (tree / "server" / "cli.py").is_file() and tree != ab.ROOT
+        at = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True, text=True, check=True)
+        assert at.stdout == head.stdout
+    assert not tree.exists()
+    listed = subprocess.run(["git", "worktree", "list"], cwd=ab.ROOT, capture_output=True, text=True, check=True)
+    assert str(tree) not in listed.stdout
