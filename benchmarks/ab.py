@@ -6,10 +6,10 @@ fresh database. Sync jobs go to them alternately, the order of each pair drawn a
 the machine's drift falls on both alike; each job's added time is its end-to-end time minus its own
 pipeline call (as in benchmarks/overhead.py), and the pairs' differences are the finding.
 
-Two servers on one machine are not quite alike (which started first, its ports, its database), and
-on the 2-core machine that alone moved the median difference by up to 0.44 ms with the same tree on
-both sides. So ``--rounds 2`` (the default) runs a second round with the trees' places swapped, and
-the estimate is the mean of the two rounds' differences: that bias cancels.
+Two servers on one machine are not quite alike (which started first, its ports, its database): on
+the 2-core machine the server started second measured about 0.7 ms faster, whatever it ran. So
+``--rounds 2`` (the default) runs a second round with the trees' places swapped, and the estimate is
+the mean of the two rounds' differences: that bias cancels.
 
     python -m benchmarks.ab --a HEAD~1 --b HEAD --jobs 100 --out bench-out
     python -m benchmarks.ab --a HEAD~1 --b HEAD --postgres postgresql://postgres@127.0.0.1:5432/postgres
@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import random
-import secrets
 import statistics
 import subprocess
 import tempfile
@@ -35,6 +34,7 @@ from benchmarks.client.inputs import Input, data_uri, square_image
 from benchmarks.client.metrics import Record
 from benchmarks.overhead import PROMPT, ROOT, ensure_model, free_port, start_server, stop_server
 from benchmarks.report import print_table, write_json
+from benchmarks.scale import database
 
 WARM_UP = 3  # jobs a server runs first, not counted (its first calls warm its caches)
 
@@ -53,26 +53,6 @@ def source_tree(spec: str) -> Iterator[Path]:
             yield tree
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
-
-
-@contextlib.contextmanager
-def fresh_database(admin_url: str | None) -> Iterator[str | None]:
-    """A new PostgreSQL database on the server of ``admin_url`` (its URL for the server), dropped
-    afterwards; None without one (the server's own SQLite)."""
-    if admin_url is None:
-        yield None
-        return
-    import psycopg
-
-    name = f"qwen_ab_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    base, _, _ = admin_url.rpartition("/")
-    try:
-        yield f"{base.replace('postgresql://', 'postgresql+psycopg://', 1)}/{name}"
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 async def alternate(urls: dict[str, str], jobs: int, size: int) -> dict[str, list[float]]:
@@ -102,10 +82,10 @@ def one_round(trees: dict[str, Path], model: Path, out: Path, args: argparse.Nam
     with contextlib.ExitStack() as stack:
         urls: dict[str, str] = {}
         for side, tree in trees.items():
-            url = stack.enter_context(fresh_database(args.postgres))
-            port = free_port()
-            env = {"QWEN_EDIT_DATABASE_URL": url} if url else {}
             data = Path(tempfile.mkdtemp(prefix=f"ab-{side}-", dir=out))
+            backend = "postgresql" if args.postgres else "sqlite"
+            env = {"QWEN_EDIT_DATABASE_URL": stack.enter_context(database(backend, args.postgres, data))}
+            port = free_port()
             proc = start_server(data, model, port, args.steps, env, tree=tree)
             stack.callback(stop_server, proc)
             urls[side] = f"http://127.0.0.1:{port}"

@@ -36,7 +36,6 @@ log = structlog.get_logger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _WRITE = "qwen_edit_write"  # execution option: this connection's transaction writes
-_UNSEEN = object()  # Database.run: a statement not compiled yet
 
 # The driver errors that mean "the database cannot be reached or written right now" (a restart,
 # a full disk, a lock held too long, a refused connection), as opposed to a bug in a statement.
@@ -118,7 +117,8 @@ class Database:
         self._lone: Engine | None = (
             self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.is_postgres else None
         )
-        self._driver: dict[ClauseElement, object] = {}  # run(): compiled for this dialect, or None
+        # run(): each statement compiled for this dialect, or None where SQLAlchemy must run it.
+        self._driver: dict[ClauseElement, DriverStatement | None] = {}
         self.notifier: Notifier
         if self.is_postgres:
             dsn = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -177,12 +177,12 @@ class Database:
         """One of the hottest statements (a submit, a claim, a job's end, a result read) on ``conn``'s
         driver cursor, compiled once (server/jobs/driver.py says why and what is kept); one that
         cannot run there (an ``IN`` list) through SQLAlchemy."""
-        compiled = self._driver.get(statement, _UNSEEN)
-        if compiled is _UNSEEN:  # a race compiles it twice: the same text, once kept
+        try:
+            compiled = self._driver[statement]
+        except KeyError:  # a race compiles it twice: the same text, once kept
             compiled = self._driver[statement] = DriverStatement.of(statement, self.engine.dialect)
         if compiled is None:
             return conn.execute(statement, values)  # type: ignore[call-overload]
-        assert isinstance(compiled, DriverStatement)
         return compiled.run(conn, values)
 
     def ping(self) -> None:

@@ -6,7 +6,7 @@ is little in a warm loop and a lot on the path of a job, where every process is 
 a pipeline call (on the 2-core machine, after 0.3 s of sleep) a submit's statement on PostgreSQL
 took 1.55 ms of client CPU through ``Connection.execute`` and 1.09 ms here, the wall time 3.2 ms
 against 2.5 ms. Only the statements on the path of every job run here (``Database.run``): the
-submit, a job's end, a result read. The rest stay with SQLAlchemy.
+submit, a worker's claim, a job's end, a result read. The rest stay with SQLAlchemy.
 
 What SQLAlchemy did that still happens here:
 

@@ -35,7 +35,9 @@ _FOLD_LOCK = 727003  # PostgreSQL advisory lock id: one fold at a time (two woul
 FOLD_BATCH = 100_000
 
 
-ONE = {  # one counter, by dialect: one() runs it (and JobStore, on the driver: db.run)
+# One counter (the queue cap's queued jobs), by dialect: an index lookup, plus its unfolded deltas
+# (binds ``name``; JobStore._queued runs it on the driver).
+ONE = {
     "sqlite": select(func.coalesce(func.sum(job_stats.c.value), 0)).where(job_stats.c.name == bindparam("name")),
     # One statement: one snapshot, even if a fold commits meanwhile.
     "postgresql": select(
@@ -71,11 +73,6 @@ def read(conn: Connection, prefix: str = "") -> dict[str, int]:
     parts = union_all(totals, deltas).subquery() if conn.dialect.name == "postgresql" else totals.subquery()
     rows = conn.execute(select(parts.c.name, func.sum(parts.c.v)).group_by(parts.c.name)).all()
     return {str(name): int(v or 0) for name, v in rows}
-
-
-def one(conn: Connection, name: str) -> int:
-    """One counter (the queue cap's queued jobs): an index lookup, plus its unfolded deltas."""
-    return int(conn.execute(ONE[conn.dialect.name], {"name": name}).scalar_one())
 
 
 def histogram(counters: Mapping[str, int], name: str) -> Histogram:
