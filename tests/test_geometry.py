@@ -87,3 +87,65 @@ def test_elongated_but_workable_images_pass_the_check() -> None:
     for size in ((1, 100), (100, 1), (64, 3000)):
         geometry.check_images(get_variant("edit"), [size])
         geometry.check_images(get_variant("edit-plus"), [size])
+
+
+# ASCII, CJK, combining marks, characters NFC decomposes (composition exclusions), an emoji, the
+# image pad's own text, a combining mark that could compose with the template before it.
+TRICKY_PROMPTS = [
+    "make it blue",
+    "把天空变成蓝色\uff0c保留人物",  # with a full-width comma
+    "e\u0301" * 50,
+    "\u0958\ufb2c\u2126" * 30,
+    "😀 ok 🎨",
+    "<|image_pad|>" * 5,
+    "\u0301make",
+    "x" * 3000,
+]
+
+
+@pytest.mark.parametrize("variant", ["edit", "edit-plus"])
+def test_token_ceiling_is_never_below_the_encoding(runners: dict[str, EditRunner], variant: str) -> None:
+    runner = runners[variant]
+    sizes = [(64, 64), (96, 32)][: 2 if variant == "edit-plus" else 1]
+    for prompt in TRICKY_PROMPTS:
+        ceiling = runner.token_ceiling(prompt, sizes)
+        assert ceiling is not None  # Qwen2's tokenizer: byte-level BPE, NFC
+        assert ceiling >= runner.prompt_tokens(prompt, sizes), prompt
+
+
+def test_a_prompt_whose_ceiling_fits_is_not_tokenized(
+    runners: dict[str, EditRunner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = runners["edit"]
+    image = Image.new("RGB", (64, 64))
+    inputs = EditInputs(images=[image], prompt="make it blue", seed=1, num_inference_steps=1, width=256, height=256)
+    called: list[str] = []
+    real = runner.prompt_tokens
+
+    def counting(text: str, sizes: list[tuple[int, int]]) -> int:
+        called.append(text)
+        return real(text, sizes)
+
+    monkeypatch.setattr(runner, "prompt_tokens", counting)
+    runner.check_inputs(inputs)
+    assert called == []
+    # Near the budget the bound is not enough: the exact count decides.
+    budget = geometry.text_budget(runner.variant, [image.size], 256, 256)
+    ceiling = runner.token_ceiling("", [image.size])
+    assert ceiling is not None
+    inputs.prompt = "x" * (budget - ceiling + 1)
+    runner.check_inputs(inputs)
+    assert called == [inputs.prompt]
+
+
+def test_a_tokenizer_without_the_bytes_bound_is_always_counted(runners: dict[str, EditRunner]) -> None:
+    from tokenizers import normalizers
+
+    runner = EditRunner(runners["edit"].pipe, get_variant("edit"), "cpu")
+    backend = runner.pipe.tokenizer.backend_tokenizer
+    saved = backend.normalizer
+    backend.normalizer = normalizers.NFKC()  # may grow a text elevenfold: no bound from bytes
+    try:
+        assert runner.token_ceiling("make it blue", [(64, 64)]) is None
+    finally:
+        backend.normalizer = saved
