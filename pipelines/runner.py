@@ -137,7 +137,8 @@ class EditRunner:
         if self.variant.multi_image:
             fixed += "".join(_PLUS_PICTURE.format(i + 1) for i in range(len(sizes)))
         # NFC of a whole is at most the sum of its parts' decompositions (composing only shortens).
-        most_bytes = _most_nfc_bytes(fixed) + _most_nfc_bytes(text)
+        # And one for the space a byte-level pre-tokenizer may put in front (``add_prefix_space``).
+        most_bytes = _most_nfc_bytes(fixed) + _most_nfc_bytes(text) + 1
         vision = geometry.vision_tokens(self.variant, sizes)
         return most_bytes + vision - int(self.pipe.prompt_template_encode_start_idx)
 
