@@ -132,3 +132,20 @@ def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test (postgresql://…), dropped afterwards."""
     with fresh_database() as url:
         yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """A migrated job store, once on each database: SQLite under ``tmp_path``, PostgreSQL in a fresh
+    database (a pool of up to 12 connections, opened as they are needed). A module whose tests need
+    one database, or a store shared by its tests, defines its own ``store``."""
+    from server.jobs.store import JobStore
+    from server.settings import Settings
+
+    if request.param == "sqlite":
+        s = JobStore.at(f"sqlite:///{tmp_path / 'jobs.db'}", run_dir=tmp_path / "run")
+    else:
+        s = JobStore.open(Settings(database_url=request.getfixturevalue("pg_url")), pool_size=12)
+    s.migrate()
+    yield s
+    s.close()

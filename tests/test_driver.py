@@ -3,8 +3,6 @@ and the same events as SQLAlchemy's own execution of them, on both databases."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -19,17 +17,6 @@ from server.jobs.driver import DriverStatement
 from server.jobs.models import jobs
 from server.jobs.store import JobStore
 from server.settings import Settings
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    if request.param == "sqlite":
-        s = JobStore.at(f"sqlite:///{tmp_path / 'jobs.db'}", run_dir=tmp_path / "run")
-    else:
-        s = JobStore.open(Settings(database_url=request.getfixturevalue("pg_url")), pool_size=2)
-    s.migrate()
-    yield s
-    s.close()
 
 
 def finished_job(store: JobStore) -> str:

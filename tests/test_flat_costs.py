@@ -5,7 +5,7 @@ and the job counters behind /metrics agree with the rows whatever moved them."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +16,7 @@ from server.jobs import seed
 from server.jobs.contract import Status
 from server.jobs.models import jobs
 from server.jobs.store import Admission, JobStore, now_ms
-from server.settings import Settings
 from tests.test_store import expire_lease, make_job
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    if request.param == "sqlite":
-        s = JobStore.at(f"sqlite:///{tmp_path / 'jobs.db'}", run_dir=tmp_path / "run")
-    else:
-        s = JobStore.open(Settings(database_url=request.getfixturevalue("pg_url")), pool_size=4)
-    s.migrate()
-    yield s
-    s.close()
 
 
 def statements(store: JobStore, action: Callable[[], Any]) -> list[tuple[str, Any]]:

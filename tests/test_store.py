@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,22 +15,6 @@ from server.jobs.store import JobStore, new_id, now_ms
 from server.settings import Settings
 
 VARIANT = "edit"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'jobs.db'}"
-        s = JobStore.at(url, run_dir=tmp_path / "run")
-        s.migrate()
-        yield s
-        s.close()
-        return
-    pg_url = request.getfixturevalue("pg_url")
-    s = JobStore.open(Settings(database_url=pg_url), pool_size=12)
-    s.migrate()
-    yield s
-    s.close()
 
 
 def make_job(
