@@ -110,14 +110,16 @@ class EditRunner:
         geometry.check_images(self.variant, sizes, inputs.width, inputs.height)
         self.check_prompt_fits(inputs, sizes)
 
+    def _templated(self, text: str, images: int) -> str:
+        """``text`` as the pipeline encodes it: in its template, after Plus's pictures."""
+        if self.variant.multi_image:
+            text = "".join(_PLUS_PICTURE.format(i + 1) for i in range(images)) + text
+        return str(self.pipe.prompt_template_encode.format(text))
+
     def prompt_tokens(self, text: str, sizes: list[tuple[int, int]]) -> int:
         """The length of ``text``'s encoding with these images, as the pipeline encodes it: the
         template, Qwen2.5-VL's image tokens, minus the template's head that the pipeline drops."""
-        if self.variant.multi_image:
-            pictures = "".join(_PLUS_PICTURE.format(i + 1) for i in range(len(sizes)))
-            text = pictures + text
-        templated = self.pipe.prompt_template_encode.format(text)
-        ids = self.pipe.tokenizer(templated, add_special_tokens=False).input_ids
+        ids = self.pipe.tokenizer(self._templated(text, len(sizes)), add_special_tokens=False).input_ids
         pads = ids.count(self.pipe.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
         vision = geometry.vision_tokens(self.variant, sizes)
         return len(ids) - pads + vision - int(self.pipe.prompt_template_encode_start_idx)
@@ -133,12 +135,10 @@ class EditRunner:
         which only raises the bound."""
         if not self._tokens_within_bytes:
             return None
-        fixed = self.pipe.prompt_template_encode.format("")
-        if self.variant.multi_image:
-            fixed += "".join(_PLUS_PICTURE.format(i + 1) for i in range(len(sizes)))
+        # The template around an empty prompt has the bytes of the one around ``text``, less its own.
         # NFC of a whole is at most the sum of its parts' decompositions (composing only shortens).
         # And one for the space a byte-level pre-tokenizer may put in front (``add_prefix_space``).
-        most_bytes = _most_nfc_bytes(fixed) + _most_nfc_bytes(text) + 1
+        most_bytes = _most_nfc_bytes(self._templated("", len(sizes))) + _most_nfc_bytes(text) + 1
         vision = geometry.vision_tokens(self.variant, sizes)
         return most_bytes + vision - int(self.pipe.prompt_template_encode_start_idx)
 
